@@ -1,0 +1,65 @@
+// Shared argument checks of the maep_fast::pgd_step / pgd_step_ ops
+// (CPU kernel in pgd_step_cpu.cpp, CUDA glue in pgd_step_cuda.cpp).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <string_view>
+
+namespace maep_fast {
+
+// Validates every argument of pgd_step / pgd_step_ and returns true for
+// norm == "l2", false for norm == "linf". `op` names the op in messages.
+inline bool check_pgd_step_args(
+    const char* op,
+    c10::DeviceType device_type,
+    const at::Tensor& x,
+    const at::Tensor& grad,
+    const at::Tensor& x0,
+    const at::Tensor& step_size,
+    const at::Tensor& eps,
+    std::string_view norm,
+    int64_t direction,
+    double clamp_min,
+    double clamp_max) {
+  TORCH_CHECK(x.defined() && grad.defined() && x0.defined() && step_size.defined() && eps.defined(),
+              op, ": x, grad, x0, step_size and eps must all be defined tensors");
+  TORCH_CHECK(x.device().type() == device_type, op, ": x must be on ", c10::DeviceTypeName(device_type),
+              " for this kernel, got ", x.device());
+  const auto st = x.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16, op,
+              ": x must have dtype float32, float64, float16 or bfloat16, got ", st);
+  TORCH_CHECK(x.dim() >= 1, op, ": x must have at least one dimension (the batch), got a 0-d tensor");
+  TORCH_CHECK(grad.scalar_type() == st, op, ": grad must have the dtype of x (", st, "), got ",
+              grad.scalar_type());
+  TORCH_CHECK(x0.scalar_type() == st, op, ": x0 must have the dtype of x (", st, "), got ", x0.scalar_type());
+  TORCH_CHECK(grad.sizes() == x.sizes(), op, ": grad must have the shape of x ", x.sizes(), ", got ",
+              grad.sizes());
+  TORCH_CHECK(x0.sizes() == x.sizes(), op, ": x0 must have the shape of x ", x.sizes(), ", got ", x0.sizes());
+  TORCH_CHECK(grad.device() == x.device(), op, ": grad is on ", grad.device(), " but x is on ", x.device());
+  TORCH_CHECK(x0.device() == x.device(), op, ": x0 is on ", x0.device(), " but x is on ", x.device());
+  TORCH_CHECK(x.is_contiguous(), op, ": x must be contiguous");
+  TORCH_CHECK(grad.is_contiguous(), op, ": grad must be contiguous");
+  TORCH_CHECK(x0.is_contiguous(), op, ": x0 must be contiguous");
+
+  const int64_t batch = x.size(0);
+  const auto ct = st == at::kDouble ? at::kDouble : at::kFloat;  // compute dtype
+  for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{step_size, "step_size"},
+                                std::pair<const at::Tensor&, const char*>{eps, "eps"}}) {
+    TORCH_CHECK(t.dim() == 1 && t.size(0) == batch, op, ": ", name, " must have shape [", batch,
+                "] (one value per sample), got ", t.sizes());
+    TORCH_CHECK(t.scalar_type() == ct, op, ": ", name, " must have dtype ", ct, " for x of dtype ", st,
+                ", got ", t.scalar_type());
+    TORCH_CHECK(t.device() == x.device(), op, ": ", name, " is on ", t.device(), " but x is on ", x.device());
+    TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous");
+  }
+  TORCH_CHECK(norm == "linf" || norm == "l2", op, ": norm must be 'linf' or 'l2', got '", norm, "'");
+  TORCH_CHECK(direction == 1 || direction == -1, op,
+              ": direction must be +1 (ascent, attack) or -1 (descent, purification), got ", direction);
+  TORCH_CHECK(clamp_min <= clamp_max, op, ": clamp_min must be <= clamp_max (and not NaN), got ", clamp_min,
+              " and ", clamp_max);
+  return norm == "l2";
+}
+
+}  // namespace maep_fast

@@ -1,0 +1,76 @@
+// CUDA glue of maep_fast::pgd_step / pgd_step_: argument checks, device
+// guard, launch of the torch-free kernels (kernels/pgd_step.cu) on the
+// current stream (c10::cuda::getCurrentCUDAStream is what
+// at::cuda::getCurrentCUDAStream re-exports; c10/cuda/CUDAStream.h avoids
+// ATen/cuda/CUDAContext.h's cuBLAS/cuSPARSE includes).
+// Built only with MAEP_FAST_CUDA=ON (CMakeLists.txt).
+#include "pgd_step.h"
+
+#include "kernels/pgd_step.cuh"
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty_like.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+namespace maep_fast {
+namespace {
+
+cuda::PgdDType to_kernel_dtype(at::ScalarType st) {
+  switch (st) {
+    case at::kFloat:
+      return cuda::PgdDType::kFloat32;
+    case at::kHalf:
+      return cuda::PgdDType::kFloat16;
+    case at::kBFloat16:
+      return cuda::PgdDType::kBFloat16;
+    case at::kDouble:
+      return cuda::PgdDType::kFloat64;
+    default:
+      TORCH_CHECK(false, "maep_fast::pgd_step: unsupported dtype ", st);
+  }
+}
+
+void launch(const at::Tensor& x, const at::Tensor& grad, const at::Tensor& x0, const at::Tensor& step_size,
+            const at::Tensor& eps, const at::Tensor& out, bool l2, int64_t direction, double clamp_min,
+            double clamp_max) {
+  const int64_t batch = x.size(0);
+  const int64_t n = batch == 0 ? 0 : x.numel() / batch;
+  if (batch == 0 || n == 0) return;
+  const c10::cuda::CUDAGuard guard(x.device());
+  const cudaError_t err = cuda::launch_pgd_step(
+      to_kernel_dtype(x.scalar_type()), x.const_data_ptr(), grad.const_data_ptr(), x0.const_data_ptr(),
+      out.mutable_data_ptr(), step_size.const_data_ptr(), eps.const_data_ptr(), batch, n,
+      l2 ? cuda::PgdNorm::kL2 : cuda::PgdNorm::kLinf, static_cast<int>(direction), clamp_min, clamp_max,
+      c10::cuda::getCurrentCUDAStream(x.device().index()).stream());
+  C10_CUDA_CHECK(err);
+}
+
+at::Tensor pgd_step_cuda(const at::Tensor& x, const at::Tensor& grad, const at::Tensor& x0,
+                         const at::Tensor& step_size, const at::Tensor& eps, c10::string_view norm,
+                         int64_t direction, double clamp_min, double clamp_max) {
+  const bool l2 = check_pgd_step_args("maep_fast::pgd_step", c10::DeviceType::CUDA, x, grad, x0, step_size, eps,
+                                      norm, direction, clamp_min, clamp_max);
+  at::Tensor out = at::empty_like(x, at::MemoryFormat::Contiguous);
+  launch(x, grad, x0, step_size, eps, out, l2, direction, clamp_min, clamp_max);
+  return out;
+}
+
+void pgd_step_cuda_(const at::Tensor& x, const at::Tensor& grad, const at::Tensor& x0, const at::Tensor& step_size,
+                    const at::Tensor& eps, c10::string_view norm, int64_t direction, double clamp_min,
+                    double clamp_max) {
+  const bool l2 = check_pgd_step_args("maep_fast::pgd_step_", c10::DeviceType::CUDA, x, grad, x0, step_size, eps,
+                                      norm, direction, clamp_min, clamp_max);
+  launch(x, grad, x0, step_size, eps, x, l2, direction, clamp_min, clamp_max);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(maep_fast, CUDA, m) {
+  m.impl("pgd_step", &pgd_step_cuda);
+  m.impl("pgd_step_", &pgd_step_cuda_);
+}
+
+}  // namespace maep_fast

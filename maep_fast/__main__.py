@@ -1,0 +1,5 @@
+import sys
+
+from maep_fast.cli import main
+
+sys.exit(main())

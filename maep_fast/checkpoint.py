@@ -1,0 +1,133 @@
+"""Checkpoints: a directory with ``config.json`` and ``model.safetensors``.
+
+config.json = {"format": "maep_fast", "format_version": 1,
+               "kind": "mae" | "classifier", "arch": <class name>,
+               "config": <constructor kwargs>, "meta": {...}}
+
+Nothing is ever unpickled. Loading checks the JSON, the architecture, and
+every tensor name and shape, and reports all mismatches at once.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from maep_fast.models.classifiers import CLASSIFIERS
+from maep_fast.models.mae import MaskedAutoencoderViT
+
+FORMAT = "maep_fast"
+FORMAT_VERSION = 1
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, corrupt, or does not match its model."""
+
+
+def _kind_and_arch(model: nn.Module) -> tuple[str, str]:
+    if isinstance(model, MaskedAutoencoderViT):
+        return "mae", "MaskedAutoencoderViT"
+    for name, cls in CLASSIFIERS.items():
+        if isinstance(model, cls):
+            return "classifier", name
+    raise TypeError(f"model of type {type(model).__name__} has no checkpoint format; expected a MaskedAutoencoderViT or one of {sorted(CLASSIFIERS)}")
+
+
+def save_model(model: nn.Module, path: str | Path, meta: dict | None = None) -> Path:
+    """Write ``path/config.json`` and ``path/model.safetensors``; returns ``path``.
+
+    LoRA adapters must be merged and removed first (``models.remove_lora``), so
+    the saved model is a plain MaskedAutoencoderViT.
+    """
+    kind, arch = _kind_and_arch(model)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    if any("lora_" in k for k in state):
+        raise ValueError("model still holds LoRA adapters; call maep_fast.models.remove_lora(model) before saving")
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    cfg = {"format": FORMAT, "format_version": FORMAT_VERSION, "kind": kind, "arch": arch,
+           "config": model.config, "meta": meta or {}}
+    save_file(state, str(path / WEIGHTS_NAME), metadata={"format": FORMAT, "arch": arch})
+    (path / CONFIG_NAME).write_text(json.dumps(cfg, indent=2, sort_keys=True))
+    return path
+
+
+def read_config(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint directory {str(path)!r} does not exist")
+    cfg_path = path / CONFIG_NAME
+    if not cfg_path.is_file():
+        raise CheckpointError(f"{str(cfg_path)!r} is missing; a maep_fast checkpoint holds {CONFIG_NAME} and {WEIGHTS_NAME}")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{str(cfg_path)!r} is not valid JSON: {exc}") from None
+    if not isinstance(cfg, dict) or cfg.get("format") != FORMAT:
+        raise CheckpointError(f"{str(cfg_path)!r} is not a maep_fast checkpoint config (missing format={FORMAT!r})")
+    if cfg.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{str(cfg_path)!r} has format_version {cfg.get('format_version')!r}; this maep_fast reads {FORMAT_VERSION}")
+    for key in ("kind", "arch", "config"):
+        if key not in cfg:
+            raise CheckpointError(f"{str(cfg_path)!r} lacks the field {key!r}")
+    if not isinstance(cfg["config"], dict):
+        raise CheckpointError(f"{str(cfg_path)!r}: 'config' must be an object")
+    return cfg
+
+
+def _build(cfg: dict, source: str) -> nn.Module:
+    arch, kind = cfg["arch"], cfg["kind"]
+    if kind == "mae" and arch == "MaskedAutoencoderViT":
+        cls = MaskedAutoencoderViT
+    elif kind == "classifier" and arch in CLASSIFIERS:
+        cls = CLASSIFIERS[arch]
+    else:
+        raise CheckpointError(f"{source}: unknown kind/arch {kind!r}/{arch!r}")
+    try:
+        return cls(**cfg["config"])
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{source}: config does not build a {arch}: {exc}") from None
+
+
+def load_state_checked(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """load_state_dict with one error listing every missing/unexpected/mis-shaped tensor."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [f"{k}: checkpoint {list(state[k].shape)} vs model {list(own[k].shape)}"
+              for k in sorted(set(own) & set(state)) if tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"missing {missing}")
+        if unexpected:
+            parts.append(f"unexpected {unexpected}")
+        if shapes:
+            parts.append("shape mismatch " + "; ".join(shapes))
+        raise CheckpointError(f"{source} does not match the model: " + " | ".join(parts))
+    model.load_state_dict(state, strict=True)
+
+
+def load_model(path: str | Path, expect_kind: str | None = None, map_location: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild and load a model saved by ``save_model``; raises CheckpointError on any problem."""
+    path = Path(path)
+    cfg = read_config(path)
+    if expect_kind is not None and cfg["kind"] != expect_kind:
+        raise CheckpointError(f"{str(path)!r} holds a {cfg['kind']!r} checkpoint, expected {expect_kind!r}")
+    model = _build(cfg, str(path))
+    weights = path / WEIGHTS_NAME
+    if not weights.is_file():
+        raise CheckpointError(f"{str(weights)!r} is missing")
+    try:
+        state = load_file(str(weights), device=str(map_location))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{str(weights)!r} is not a readable safetensors file: {exc}") from None
+    load_state_checked(model, state, str(weights))
+    model.checkpoint_meta = cfg.get("meta", {})
+    return model.eval()

@@ -1,0 +1,18 @@
+"""Training: classifiers, MAEP's two stages, shared loop and checkpoints."""
+from maep_fast.train.classifier import accuracy, train_classifier
+from maep_fast.train.loop import LoopConfig, fit
+from maep_fast.train.maep import (
+    AdversarialPairs,
+    AttackConfig,
+    MAEPConfig,
+    maep_loss,
+    make_adversarial,
+    train_maep,
+    train_stage1,
+    train_stage2,
+)
+
+__all__ = [
+    "AdversarialPairs", "AttackConfig", "LoopConfig", "MAEPConfig", "accuracy", "fit", "maep_loss",
+    "make_adversarial", "train_classifier", "train_maep", "train_stage1", "train_stage2",
+]

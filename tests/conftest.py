@@ -1,0 +1,23 @@
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
+
+
+def tiny_mae(**kw):
+    from maep_fast.models.mae import MaskedAutoencoderViT
+
+    cfg = dict(img_size=8, patch_size=2, in_chans=1, embed_dim=32, depth=2, num_heads=4,
+               decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2)
+    cfg.update(kw)
+    return MaskedAutoencoderViT(**cfg)

@@ -1,0 +1,79 @@
+import pytest
+import torch
+
+from conftest import tiny_mae
+from maep_fast.purify import PurifiedClassifier, Purifier, tiled_apply
+from maep_fast.purify.tiling import ramp_window
+
+
+def test_purify_shapes_chunking_and_range():
+    p = Purifier(tiny_mae(in_chans=3), batch_size=3)
+    x = torch.rand(7, 3, 8, 8)
+    y = p.purify(x)
+    assert y.shape == x.shape and y.min() >= 0 and y.max() <= 1
+    torch.testing.assert_close(y, p(x).detach(), rtol=1e-5, atol=1e-6)  # chunked == one batch
+
+
+def test_purifier_is_differentiable_end_to_end():
+    p = Purifier(tiny_mae(in_chans=1))
+    clf = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 3))
+    model = PurifiedClassifier(p, clf)
+    x = torch.rand(2, 1, 8, 8, requires_grad=True)
+    model(x).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("size", [(8, 8), (13, 21), (24, 9), (32, 32)])
+@pytest.mark.parametrize("overlap", [0, 2, 5])
+def test_tiling_identity_and_pointwise(size, overlap):
+    x = torch.rand(2, 3, *size)
+    torch.testing.assert_close(tiled_apply(lambda t: t, x, 8, overlap), x)  # blending an identity is exact
+    torch.testing.assert_close(tiled_apply(lambda t: t * 2 + 1, x, 8, overlap), x * 2 + 1)
+
+
+def test_tiling_blends_overlaps():
+    # a function that returns the tile's own mean: blended output must vary smoothly, not in blocks
+    x = torch.linspace(0, 1, 24).view(1, 1, 1, 24).expand(1, 1, 8, 24).contiguous()
+    y = tiled_apply(lambda t: t.mean(dim=(2, 3), keepdim=True).expand_as(t), x, 8, 4)
+    row = y[0, 0, 0]
+    assert torch.all(row[1:] - row[:-1] >= -1e-6)  # monotone like the input
+    assert (row[1:] - row[:-1]).max() < 0.2
+    w = ramp_window(8, 3)
+    assert w.min() > 0 and w.max() == 1
+
+
+def test_large_images_tiled_by_purifier():
+    p = Purifier(tiny_mae(in_chans=3), tile_overlap=2)
+    x = torch.rand(2, 3, 20, 13)
+    y = p.purify(x)
+    assert y.shape == x.shape and torch.isfinite(y).all()
+    manual = tiled_apply(lambda t: p.model.reconstruct(t).clamp(0, 1), x, 8, 2)
+    torch.testing.assert_close(y, manual, rtol=1e-5, atol=1e-6)
+
+
+def test_bad_inputs():
+    p = Purifier(tiny_mae(in_chans=1))
+    with pytest.raises(ValueError, match="rank"):
+        p.purify(torch.rand(8, 8))
+    with pytest.raises(ValueError, match="channel"):
+        p.purify(torch.rand(1, 3, 8, 8))
+    with pytest.raises(ValueError, match="at least 8x8"):
+        p.purify(torch.rand(1, 1, 4, 4))
+    with pytest.raises(ValueError, match="NaN"):
+        p.purify(torch.full((1, 1, 8, 8), float("nan")))
+    with pytest.raises(ValueError, match=r"\[0.0, 1.0\]"):
+        p.purify(torch.rand(1, 1, 8, 8) * 255)
+    with pytest.raises(ValueError, match="empty"):
+        p.purify(torch.rand(0, 1, 8, 8))
+    with pytest.raises(TypeError, match="dtype"):
+        p.purify(torch.zeros(1, 1, 8, 8, dtype=torch.uint8))
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        p.purify([[0.0]])
+    with pytest.raises(ValueError, match="norm_pix_loss"):
+        Purifier(tiny_mae(norm_pix_loss=True))
+    if torch.cuda.is_available():
+        with pytest.raises(ValueError, match="on cuda"):
+            p.purify(torch.rand(1, 1, 8, 8, device="cuda"))
+    else:
+        with pytest.raises(ValueError, match="on meta"):
+            p.purify(torch.empty(1, 1, 8, 8, device="meta"))
