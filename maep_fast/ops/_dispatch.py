@@ -1,44 +1,110 @@
 """Backend selection shared by the ops.
 
-``backend`` is one of ``auto | torch | cpp`` (``triton`` and ``cuda`` join
-them as the kernels land). ``MAEP_FAST_BACKEND`` overrides ``auto``.
-An explicitly requested backend that is not available raises; it never
-falls back silently.
+``backend`` is one of ``auto | torch | triton | cpp | cuda``:
+
+- ``torch``: the pure-PyTorch reference (any device).
+- ``triton``: Triton kernels (CUDA tensors; CPU tensors only under the Triton
+  interpreter, ``TRITON_INTERPRET=1``, which is for tests, not speed).
+- ``cpp``: C++ CPU kernels of ``maep_fast._C`` (``torch.ops.maep_fast.*``).
+- ``cuda``: CUDA kernels of ``maep_fast._C``.
+
+``auto`` picks, per device, the first available entry of ``AUTO_ORDER``;
+``MAEP_FAST_BACKEND`` overrides ``auto`` everywhere (``MAEP_FAST_BACKEND=torch``
+is the global reference-path switch). An explicitly requested backend that is
+not available raises; it never falls back silently.
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
 
 from maep_fast._native import native_available, native_unavailable_reason
 
-KNOWN_BACKENDS = ("auto", "torch", "cpp")
+KNOWN_BACKENDS = ("auto", "torch", "triton", "cpp", "cuda")
+
+# Which backends each op implements; op modules add to this when they define kernels.
+IMPLEMENTED: dict[str, set[str]] = {}
+
+# auto's preference per device type. The GPU order is a default until bench/bench_ops.py
+# measures it on a GPU machine (then this records the measurement it rests on).
+AUTO_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpp", "torch")}
 
 
-def resolve_backend(backend: str, device: torch.device, *, has_cpp: bool = True) -> str:
-    """Return the concrete backend ("torch" or "cpp") for tensors on ``device``.
+def register_backends(op: str, *backends: str) -> None:
+    for b in backends:
+        if b not in KNOWN_BACKENDS or b == "auto":
+            raise ValueError(f"unknown backend {b!r}")
+    IMPLEMENTED.setdefault(op, {"torch"}).update(backends)
 
-    ``has_cpp`` says whether this op has a C++ implementation for ``device``.
-    """
+
+def triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@torch.compiler.assume_constant_result
+@functools.lru_cache(maxsize=None)
+def _triton_import_error() -> str:
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception as exc:  # ImportError, or a broken install
+        return f"triton is not importable ({exc})"
+    return ""
+
+
+@torch.compiler.assume_constant_result  # a registry query: constant while torch.compile traces
+def _native_has_kernel(op: str, key: str) -> bool:
+    if not native_available():
+        return False
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(f"maep_fast::{op}", key)
+    except RuntimeError:
+        return False
+
+
+def unavailable_reason(op: str, backend: str, device: torch.device) -> str:
+    """'' when ``backend`` can run ``op`` on ``device``, else why not."""
+    if backend == "torch":
+        return ""
+    if backend not in IMPLEMENTED.get(op, {"torch"}):
+        return f"{op} has no {backend!r} implementation"
+    if backend == "triton":
+        err = _triton_import_error()
+        if err:
+            return err
+        if device.type == "cuda" or (device.type == "cpu" and triton_interpreted()):
+            return ""
+        return f"triton kernels need CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors); got {device}"
+    if not native_available():
+        return "the native extension maep_fast._C is not available: " + native_unavailable_reason()
+    if backend == "cpp":
+        if device.type != "cpu":
+            return f"backend 'cpp' runs CPU tensors only; got {device}"
+        return "" if _native_has_kernel(op, "CPU") else f"maep_fast._C has no CPU kernel for {op}"
+    if backend == "cuda":
+        if device.type != "cuda":
+            return f"backend 'cuda' runs CUDA tensors only; got {device}"
+        return "" if _native_has_kernel(op, "CUDA") else f"maep_fast._C was built without a CUDA kernel for {op}"
+    return f"unknown backend {backend!r}"
+
+
+def resolve_backend(op: str, backend: str, device: torch.device) -> str:
+    """The concrete backend that will run ``op`` for tensors on ``device``."""
     if not isinstance(backend, str) or backend not in KNOWN_BACKENDS:
         raise ValueError(f"backend must be one of {KNOWN_BACKENDS}, got {backend!r}")
     if backend == "auto":
         env = os.environ.get("MAEP_FAST_BACKEND", "auto")
         if env not in KNOWN_BACKENDS:
             raise ValueError(f"MAEP_FAST_BACKEND must be one of {KNOWN_BACKENDS}, got {env!r}")
-        if env != "auto":
-            backend = env
+        backend = env
     if backend == "auto":
-        if device.type == "cpu" and has_cpp and native_available():
-            return "cpp"
+        for cand in AUTO_ORDER.get(device.type, ("torch",)):
+            if not unavailable_reason(op, cand, device):
+                return cand
         return "torch"
-    if backend == "cpp":
-        if not native_available():
-            raise RuntimeError(
-                "backend='cpp' was requested but the native extension is not available: "
-                + native_unavailable_reason()
-            )
-        if not has_cpp or device.type != "cpu":
-            raise RuntimeError(f"backend='cpp' has no kernel for tensors on {device}")
+    why = unavailable_reason(op, backend, device)
+    if why:
+        raise RuntimeError(f"backend={backend!r} was requested for {op} but is not available: {why}")
     return backend

@@ -50,5 +50,5 @@ def masked_patch_attention_reference(q, k, v, keep=None, scale=None, return_attn
 def masked_patch_attention(q, k, v, keep=None, *, scale=None, backend="auto"):
     """Attention over visible patches; see module docstring for shapes."""
     _validate(q, k, v, keep, scale)
-    resolve_backend(backend, q.device, has_cpp=False)
+    resolve_backend("masked_patch_attention", backend, q.device)
     return masked_patch_attention_reference(q, k, v, keep, scale)

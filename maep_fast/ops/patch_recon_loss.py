@@ -108,5 +108,5 @@ def patch_recon_loss(
 ) -> torch.Tensor:
     """See module docstring. Only the reference (``torch``) backend exists so far."""
     _validate(pred, imgs, mask, patch_size, p, reduction)
-    resolve_backend(backend, pred.device, has_cpp=False)
+    resolve_backend("patch_recon_loss", backend, pred.device)
     return patch_recon_loss_reference(pred, imgs, mask, patch_size, norm_pix, p, reduction)

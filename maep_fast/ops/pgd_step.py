@@ -24,9 +24,11 @@ import torch
 
 from maep_fast._checks import check_same_device, check_tensor
 from maep_fast._native import native_available
-from maep_fast.ops._dispatch import resolve_backend
+from maep_fast.ops._dispatch import register_backends, resolve_backend
 
 NORMS = ("linf", "l2")
+
+register_backends("pgd_step", "cpp", "cuda")
 
 
 def _as_per_sample(v: object, name: str, batch: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -134,7 +136,7 @@ def pgd_step(
 ) -> torch.Tensor:
     """Out-of-place fused PGD step; returns a new tensor shaped like ``x``."""
     step, eps_t, lo, hi = _validate(x, grad, x0, step_size, eps, norm, direction, clamp)
-    be = resolve_backend(backend, x.device)
+    be = resolve_backend("pgd_step", backend, x.device)
     if be == "cpp":
         return _native_op("pgd_step")(
             x.contiguous(), grad.contiguous(), x0.contiguous(), step, eps_t, norm, direction, lo, hi
@@ -156,7 +158,7 @@ def pgd_step_(
 ) -> torch.Tensor:
     """In-place variant for loops: updates and returns ``x``."""
     step, eps_t, lo, hi = _validate(x, grad, x0, step_size, eps, norm, direction, clamp)
-    be = resolve_backend(backend, x.device)
+    be = resolve_backend("pgd_step", backend, x.device)
     if be == "cpp" and x.is_contiguous():
         _native_op("pgd_step_")(x, grad.contiguous(), x0.contiguous(), step, eps_t, norm, direction, lo, hi)
         return x
