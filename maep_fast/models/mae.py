@@ -15,6 +15,7 @@ import torch.nn as nn
 from maep_fast._checks import check_ratio, check_tensor
 from maep_fast.models.pos_embed import get_2d_sincos_pos_embed
 from maep_fast.models.vit_blocks import Block, PatchEmbed
+from maep_fast.ops._dispatch import requested_backend
 from maep_fast.ops.patch_recon_loss import patch_recon_loss
 from maep_fast.ops.patchify import patchify as _patchify
 from maep_fast.ops.patchify import unpatchify as _unpatchify
@@ -56,6 +57,7 @@ class MaskedAutoencoderViT(nn.Module):
         self.patch_size = patch_size
         self.in_chans = in_chans
         self.norm_pix_loss = norm_pix_loss
+        self.ops_backend = "auto"
 
         # encoder
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
@@ -105,6 +107,17 @@ class MaskedAutoencoderViT(nn.Module):
     def set_fused_attn(self, enabled: bool) -> None:
         for blk in list(self.blocks) + list(self.decoder_blocks):
             blk.attn.fused_attn = enabled
+
+    def set_backend(self, backend: str) -> "MaskedAutoencoderViT":
+        """Ops backend for attention and the reconstruction loss: auto | torch | triton | cpp | cuda.
+
+        "torch" is the pure-PyTorch reference path everywhere.
+        """
+        requested_backend(backend)  # validates
+        self.ops_backend = backend
+        for blk in list(self.blocks) + list(self.decoder_blocks):
+            blk.attn.backend = backend
+        return self
 
     # -------------------------------------------------------------- layout
     def patchify(self, imgs: torch.Tensor) -> torch.Tensor:
@@ -187,7 +200,8 @@ class MaskedAutoencoderViT(nn.Module):
         """
         if mask is not None and not bool(mask.any()):
             mask = None
-        return patch_recon_loss(pred, imgs, mask, patch_size=self.patch_size, norm_pix=self.norm_pix_loss, p=2)
+        return patch_recon_loss(pred, imgs, mask, patch_size=self.patch_size, norm_pix=self.norm_pix_loss, p=2,
+                                backend=self.ops_backend)
 
     def forward(self, imgs: torch.Tensor, mask_ratio: float = 0.75, noise: torch.Tensor | None = None):
         """-> (loss, pred [N, L, p*p*C], mask [N, L])."""

@@ -1,15 +1,22 @@
 """Transformer pieces with timm's names: PatchEmbed, Attention, Mlp, Block.
 
-Attention keeps timm's ``fused_attn`` switch: True runs
-F.scaled_dot_product_attention, False the explicit softmax(QK^T)V, both in
-one forward so a test can compare them. ``return_attn`` (explicit path)
-stores the attention matrix [B, H, L, L] on the module for the AMV diagnostic.
+Attention keeps timm's ``fused_attn`` switch: False (or ops backend
+"torch", e.g. ``MAEP_FAST_BACKEND=torch``) runs the explicit reference
+softmax(QK^T)V of ``maep_fast.ops.masked_patch_attention_reference``; True
+runs a fused kernel: F.scaled_dot_product_attention for backend "auto"
+(the fastest path measured so far; see ops/_dispatch.py), or our
+``masked_patch_attention`` op for an explicit "triton" / "cpp" / "cuda".
+``keep_attn = True`` stores the attention matrix [B, H, L, L] in
+``last_attn`` (AMV diagnostic; reference path).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from maep_fast.ops._dispatch import requested_backend
+from maep_fast.ops.masked_patch_attention import masked_patch_attention, masked_patch_attention_reference
 
 
 class PatchEmbed(nn.Module):
@@ -36,6 +43,7 @@ class Attention(nn.Module):
         self.head_dim = dim // num_heads
         self.scale = self.head_dim**-0.5
         self.fused_attn = fused_attn
+        self.backend = "auto"  # ops backend; set through MaskedAutoencoderViT.set_backend
         self.keep_attn = False
         self.last_attn: torch.Tensor | None = None
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
@@ -45,14 +53,16 @@ class Attention(nn.Module):
         b, n, c = x.shape
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # [B, H, L, D]
-        if self.fused_attn and not self.keep_attn:
+        backend = requested_backend(self.backend)
+        if self.keep_attn:
+            x, attn = masked_patch_attention_reference(q, k, v, None, self.scale, return_attn=True)
+            self.last_attn = attn.detach()
+        elif not self.fused_attn or backend == "torch":
+            x = masked_patch_attention_reference(q, k, v, None, self.scale)
+        elif backend == "auto":
             x = F.scaled_dot_product_attention(q, k, v)
         else:
-            attn = (q * self.scale) @ k.transpose(-2, -1)
-            attn = attn.softmax(dim=-1)
-            if self.keep_attn:
-                self.last_attn = attn.detach()
-            x = attn @ v
+            x = masked_patch_attention(q, k, v, None, scale=self.scale, backend=backend)
         x = x.transpose(1, 2).reshape(b, n, c)
         return self.proj(x)
 

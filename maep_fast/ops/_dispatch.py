@@ -90,8 +90,9 @@ def unavailable_reason(op: str, backend: str, device: torch.device) -> str:
     return f"unknown backend {backend!r}"
 
 
-def resolve_backend(op: str, backend: str, device: torch.device) -> str:
-    """The concrete backend that will run ``op`` for tensors on ``device``."""
+@torch.compiler.assume_constant_result
+def requested_backend(backend: str) -> str:
+    """``backend`` after validation, with ``MAEP_FAST_BACKEND`` applied to ``auto``."""
     if not isinstance(backend, str) or backend not in KNOWN_BACKENDS:
         raise ValueError(f"backend must be one of {KNOWN_BACKENDS}, got {backend!r}")
     if backend == "auto":
@@ -99,6 +100,12 @@ def resolve_backend(op: str, backend: str, device: torch.device) -> str:
         if env not in KNOWN_BACKENDS:
             raise ValueError(f"MAEP_FAST_BACKEND must be one of {KNOWN_BACKENDS}, got {env!r}")
         backend = env
+    return backend
+
+
+def resolve_backend(op: str, backend: str, device: torch.device) -> str:
+    """The concrete backend that will run ``op`` for tensors on ``device``."""
+    backend = requested_backend(backend)
     if backend == "auto":
         for cand in AUTO_ORDER.get(device.type, ("torch",)):
             if not unavailable_reason(op, cand, device):

@@ -21,7 +21,8 @@ from maep_fast.purify.tiling import tiled_apply
 class Purifier(nn.Module):
     """x [N, C, H, W] in [0, 1] -> purified [N, C, H, W] in [0, 1] (H, W >= img_size)."""
 
-    def __init__(self, model: MaskedAutoencoderViT, batch_size: int = 256, tile_overlap: int | None = None):
+    def __init__(self, model: MaskedAutoencoderViT, batch_size: int = 256, tile_overlap: int | None = None,
+                 fused: bool = True):
         super().__init__()
         if not isinstance(model, MaskedAutoencoderViT):
             raise TypeError(f"model must be a MaskedAutoencoderViT, got {type(model).__name__}")
@@ -30,7 +31,8 @@ class Purifier(nn.Module):
                              "MAEP purifiers are trained with norm_pix_loss=False")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.model = model.eval()
+        # fused=False runs the pure-PyTorch reference path for every op (sets the model's backend)
+        self.model = model.set_backend("auto" if fused else "torch").eval()
         self.batch_size = batch_size
         t = model.img_size
         self.tile_overlap = t // 4 if tile_overlap is None else tile_overlap

@@ -47,6 +47,11 @@ class MAEPConfig:
     stage2: LoopConfig = field(default_factory=lambda: LoopConfig(epochs=5, lr=1e-3, warmup_epochs=0.5, desc="MAEP stage 2 (LoRA)"))
     lora_rank: int = 8
     lora_alpha: float = 16.0
+    fused: bool = True  # False: the pure-PyTorch reference path for every op (attention, loss, PGD step)
+
+    @property
+    def backend(self) -> str:
+        return "auto" if self.fused else "torch"
 
 
 class AdversarialPairs:
@@ -84,9 +89,10 @@ def maep_loss(model: MaskedAutoencoderViT, x_adv: torch.Tensor, x: torch.Tensor,
     """
     latent, mask, ids_restore = model.forward_encoder(x_adv, mask_ratio)
     pred = model.forward_decoder(latent, ids_restore)  # [N, L, p*p*C]
-    l_pur = patch_recon_loss(pred, x, None, patch_size=model.patch_size, norm_pix=False, p=1)
+    be = model.ops_backend
+    l_pur = patch_recon_loss(pred, x, None, patch_size=model.patch_size, norm_pix=False, p=1, backend=be)
     l_mae = patch_recon_loss(pred, x, mask if mask_ratio > 0 else None, patch_size=model.patch_size,
-                             norm_pix=model.norm_pix_loss, p=2)
+                             norm_pix=model.norm_pix_loss, p=2, backend=be)
     loss = w_pur * l_pur + w_mae * l_mae
     return loss, {"loss": loss.detach(), "l1_pur": l_pur.detach(), "mae": l_mae.detach()}
 
@@ -102,7 +108,7 @@ def _step_fn(model, classifier, cfg: MAEPConfig, mask_ratio: float):
             x, x_adv, _ = batch
         else:
             x, y = batch
-            x_adv = make_adversarial(classifier, x, y, cfg.attack)
+            x_adv = make_adversarial(classifier, x, y, cfg.attack, backend=cfg.backend)
         return maep_loss(model, x_adv, x, mask_ratio, cfg.w_pur, cfg.w_mae)
 
     return step
@@ -119,6 +125,7 @@ def train_stage1(model: MaskedAutoencoderViT, dataset, cfg: MAEPConfig, classifi
     against ``classifier``) or an AdversarialPairs set (no classifier needed)."""
     if not isinstance(dataset, AdversarialPairs) and classifier is None:
         raise ValueError("classifier is required to make adversarial pairs online (or pass an AdversarialPairs set)")
+    model.set_backend(cfg.backend)
     params = [p for p in model.parameters() if p.requires_grad]
     return fit(model, params, dataset, _step_fn(model, classifier, cfg, cfg.mask_ratio), cfg.stage1,
                _run_config("stage1", cfg, model, cfg.stage1))
@@ -130,6 +137,7 @@ def train_stage2(model: MaskedAutoencoderViT, dataset, cfg: MAEPConfig, classifi
     into the weights and removed afterwards (a plain MaskedAutoencoderViT remains)."""
     if not isinstance(dataset, AdversarialPairs) and classifier is None:
         raise ValueError("classifier is required to make adversarial pairs online (or pass an AdversarialPairs set)")
+    model.set_backend(cfg.backend)
     apply_decoder_lora(model, rank=cfg.lora_rank, alpha=cfg.lora_alpha)
     params = [p for p in model.parameters() if p.requires_grad]
     history = fit(model, params, dataset, _step_fn(model, classifier, cfg, 0.0), cfg.stage2,
