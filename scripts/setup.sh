@@ -13,5 +13,7 @@ fi
 "$PY" -m pip install --quiet "triton==3.6.0" "numpy<2.4"
 # torchattacks pins an old requests it does not import: install without dependencies.
 "$PY" -m pip install --quiet --no-deps "torchattacks==3.5.1"
+# The diffusion-purifier baseline (DiffPure-style) is built on diffusers' UNet2DModel.
+"$PY" -m pip install --quiet "diffusers==0.42.1"
 "$PY" -m pip install --quiet --no-build-isolation -e ".[test]"
 "$PY" -c "import maep_fast, torch; print('maep_fast', maep_fast.__version__, '| torch', torch.__version__, '| native extension:', maep_fast.native_available())"
