@@ -86,7 +86,7 @@ def check_nonneg_number(v: object, name: str, *, positive: bool = False) -> floa
     if not isinstance(v, (int, float)) or isinstance(v, bool):
         raise TypeError(f"{name} must be a number, got {type(v).__name__}")
     v = float(v)
-    if not math.isfinite(v):
+    if v != v or abs(v) == math.inf:  # (not math.isfinite: torch.compile cannot trace it on constants)
         raise ValueError(f"{name} must be finite, got {v}")
     if v < 0 or (positive and v == 0):
         raise ValueError(f"{name} must be {'> 0' if positive else '>= 0'}, got {v}")

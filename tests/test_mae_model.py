@@ -170,3 +170,16 @@ def test_bad_inputs():
         m(torch.rand(2, 1, 8, 8), mask_ratio=-0.1)
     with pytest.raises(ValueError, match="in_chans"):
         tiny_mae(in_chans=2)
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_torch_compile_fullgraph(backend):
+    m = tiny_mae(in_chans=3).set_backend(backend).eval()
+    x = torch.rand(2, 3, 8, 8)
+    noise = torch.rand(2, 16)
+    compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
+    for ratio in (0.0, 0.5):
+        ref = m(x, ratio, noise=noise)
+        out = compiled(x, ratio, noise=noise)
+        for a, b in zip(out, ref):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -195,11 +195,10 @@ class MaskedAutoencoderViT(nn.Module):
     def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """Mean squared error on removed patches (MAE's formula).
 
-        ``mask=None`` (or an all-zero mask, mask ratio 0) averages over every
-        patch instead of dividing by ``mask.sum() == 0``.
+        ``mask=None`` averages over every patch (what ``forward`` passes at mask
+        ratio 0, instead of dividing by ``mask.sum() == 0``); an all-zero mask
+        gives 0.
         """
-        if mask is not None and not bool(mask.any()):
-            mask = None
         return patch_recon_loss(pred, imgs, mask, patch_size=self.patch_size, norm_pix=self.norm_pix_loss, p=2,
                                 backend=self.ops_backend)
 
@@ -209,7 +208,8 @@ class MaskedAutoencoderViT(nn.Module):
         check_ratio(mask_ratio, "mask_ratio")
         latent, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, noise)
         pred = self.forward_decoder(latent, ids_restore)
-        loss = self.forward_loss(imgs, pred, mask)
+        removes = int(self.patch_embed.num_patches * (1 - mask_ratio)) < self.patch_embed.num_patches
+        loss = self.forward_loss(imgs, pred, mask if removes else None)
         return loss, pred, mask
 
     def reconstruct(self, imgs: torch.Tensor, mask_ratio: float = 0.0, noise: torch.Tensor | None = None) -> torch.Tensor:
