@@ -15,7 +15,6 @@ not available raises; it never falls back silently.
 """
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
@@ -43,15 +42,20 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+_TRITON_ERROR: list[str] = []
+
+
 @torch.compiler.assume_constant_result
-@functools.lru_cache(maxsize=None)
 def _triton_import_error() -> str:
-    try:
-        import triton  # noqa: F401
-        import triton.language  # noqa: F401
-    except Exception as exc:  # ImportError, or a broken install
-        return f"triton is not importable ({exc})"
-    return ""
+    if not _TRITON_ERROR:
+        try:
+            import triton  # noqa: F401
+            import triton.language  # noqa: F401
+
+            _TRITON_ERROR.append("")
+        except Exception as exc:  # ImportError, or a broken install
+            _TRITON_ERROR.append(f"triton is not importable ({exc})")
+    return _TRITON_ERROR[0]
 
 
 @torch.compiler.assume_constant_result  # a registry query: constant while torch.compile traces

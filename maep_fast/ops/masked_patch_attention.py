@@ -1,16 +1,40 @@
-"""Masked-patch attention (reference path).
+"""Masked-patch attention: reference, Triton, C++ CPU and CUDA paths.
 
 q, k, v: [B, H, L, D]; keep: optional bool [B, L], True = visible patch.
 Softmax runs over visible keys only; rows of hidden queries are zeros and get
-zero gradient. keep=None is plain attention. ``return_attn`` also returns the
-attention matrix [B, H, L, L] (the AMV diagnostic reads it).
+zero gradient. keep=None is plain attention. ``return_attn`` (reference only)
+also returns the attention matrix [B, H, L, L] (the AMV diagnostic reads it).
+
+Backends (``backend=``, see ``maep_fast.ops._dispatch``):
+
+- ``torch``: ``masked_patch_attention_reference``.
+- ``triton``: ``maep_fast.ops.triton_kernels.masked_patch_attention`` (fp32 / fp16 /
+  bf16, head dim <= 256), through ``MaskedPatchAttentionTriton`` (autograd.Function:
+  forward saves q, k, v, out, logsumexp; backward gives dq, dk, dv). Both kernels are
+  registered as ``torch.ops.maep_fast.masked_patch_attention_triton`` (-> out, lse;
+  differentiable in q, k, v) and ``..._triton_backward`` with fake implementations, so
+  ``torch.compile(fullgraph=True)`` traces them and ``torch.library.opcheck`` passes.
+- ``cpp`` / ``cuda``: ``torch.ops.maep_fast.masked_patch_attention`` of ``maep_fast._C``
+  (autograd registered in ``maep_fast.ops._native_ops``).
+
+``auto`` on inputs the Triton kernels do not take (fp64, head dim > 256) uses the
+next available backend; an explicit ``backend="triton"`` raises instead.
 """
 from __future__ import annotations
+
+import os
+from typing import Optional
 
 import torch
 
 from maep_fast._checks import check_same_device, check_tensor
-from maep_fast.ops._dispatch import resolve_backend
+from maep_fast.ops._dispatch import register_backends, resolve_backend, unavailable_reason
+
+OP = "masked_patch_attention"
+register_backends(OP, "triton", "cpp", "cuda")
+
+TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+TRITON_MAX_HEAD_DIM = 256  # = triton_kernels.masked_patch_attention.MAX_HEAD_DIM (not imported: triton is optional)
 
 
 def _validate(q, k, v, keep, scale):
@@ -47,8 +71,105 @@ def masked_patch_attention_reference(q, k, v, keep=None, scale=None, return_attn
     return (out, attn) if return_attn else out
 
 
+# ------------------------------------------------------------------------------------
+# Triton path: custom ops (opaque to torch.compile, with fake impls) + autograd
+# ------------------------------------------------------------------------------------
+
+@torch.library.custom_op("maep_fast::masked_patch_attention_triton", mutates_args=())
+def _triton_fwd_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: Optional[torch.Tensor], scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    from maep_fast.ops.triton_kernels.masked_patch_attention import attn_fwd
+
+    return attn_fwd(q, k, v, keep, scale)
+
+
+@_triton_fwd_op.register_fake
+def _(q, k, v, keep, scale):
+    b, h, length, _d = q.shape
+    return q.new_empty(q.shape), q.new_empty((b, h, length), dtype=torch.float32)
+
+
+@torch.library.custom_op("maep_fast::masked_patch_attention_triton_backward", mutates_args=())
+def _triton_bwd_op(
+    dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: Optional[torch.Tensor],
+    out: torch.Tensor, lse: torch.Tensor, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from maep_fast.ops.triton_kernels.masked_patch_attention import attn_bwd
+
+    return attn_bwd(dout, q, k, v, keep, out, lse, scale)
+
+
+@_triton_bwd_op.register_fake
+def _(dout, q, k, v, keep, out, lse, scale):
+    return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape)
+
+
+def _op_setup_context(ctx, inputs, output):
+    q, k, v, keep, scale = inputs
+    out, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(q, k, v, keep, out, lse)
+    ctx.scale = scale
+
+
+def _op_backward(ctx, dout, _dlse):
+    q, k, v, keep, out, lse = ctx.saved_tensors
+    dq, dk, dv = _triton_bwd_op(dout, q, k, v, keep, out, lse, ctx.scale)
+    return dq, dk, dv, None, None
+
+
+_triton_fwd_op.register_autograd(_op_backward, setup_context=_op_setup_context)
+
+
+class MaskedPatchAttentionTriton(torch.autograd.Function):
+    """Triton forward (saves q, k, v, out, logsumexp) and FlashAttention-2 style backward."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, keep, scale):
+        out, lse = _triton_fwd_op(q, k, v, keep, scale)
+        ctx.save_for_backward(q, k, v, keep, out, lse)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, keep, out, lse = ctx.saved_tensors
+        dq, dk, dv = _triton_bwd_op(dout, q, k, v, keep, out, lse, ctx.scale)
+        return dq, dk, dv, None, None
+
+
+def _triton_unsupported(q: torch.Tensor) -> tuple[str, type]:
+    if q.dtype not in TRITON_DTYPES:
+        return f"q must have dtype in {[str(d) for d in TRITON_DTYPES]} for backend 'triton', got {q.dtype}", TypeError
+    if q.shape[-1] > TRITON_MAX_HEAD_DIM:
+        return f"q head dim D={q.shape[-1]} exceeds {TRITON_MAX_HEAD_DIM}, the maximum of backend 'triton'", ValueError
+    return "", ValueError
+
+
 def masked_patch_attention(q, k, v, keep=None, *, scale=None, backend="auto"):
-    """Attention over visible patches; see module docstring for shapes."""
+    """Attention over visible patches; see module docstring for shapes and backends."""
     _validate(q, k, v, keep, scale)
-    resolve_backend("masked_patch_attention", backend, q.device)
+    chosen = resolve_backend(OP, backend, q.device)
+    explicit = backend != "auto" or os.environ.get("MAEP_FAST_BACKEND", "auto") != "auto"
+    scale_f = float(q.shape[-1] ** -0.5 if scale is None else scale)
+    if chosen == "triton":
+        why, exc = _triton_unsupported(q)
+        if not why:
+            return MaskedPatchAttentionTriton.apply(q, k, v, keep, scale_f)
+        if explicit:
+            raise exc(why)
+        chosen = "cuda" if not unavailable_reason(OP, "cuda", q.device) else "torch"
+    if chosen in ("cpp", "cuda"):
+        try:
+            import maep_fast.ops._native_ops  # noqa: F401  (registers the native op's autograd)
+        except ImportError as err:
+            if explicit:
+                raise RuntimeError(
+                    f"backend={chosen!r} was requested for {OP} but maep_fast.ops._native_ops "
+                    f"(its autograd registration) cannot be imported: {err}"
+                ) from err
+            chosen = "torch"
+        else:
+            return torch.ops.maep_fast.masked_patch_attention(q, k, v, keep, scale_f)
     return masked_patch_attention_reference(q, k, v, keep, scale)
