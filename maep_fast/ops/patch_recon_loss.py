@@ -17,16 +17,38 @@ reduction: 'mean'       sum(err * mask) / sum(mask)   (0 when the mask is empty)
 Gradients flow to both ``pred`` and ``imgs`` (test-time purification
 differentiates the loss with respect to the image, which is also the target).
 With p = 1, norm_pix = False and mask = None this is l1(unpatchify(pred), imgs).
+
+Backends: ``torch`` (reference), ``triton`` (one fused forward kernel writing
+the masked per-patch error [N, L], one fused backward kernel writing the
+gradients of pred and imgs; ``maep_fast/ops/triton_kernels/patch_recon_loss.py``),
+``cpp`` / ``cuda`` (``torch.ops.maep_fast.patch_recon_loss`` of the native
+extension, autograd registered in ``maep_fast.ops._native_ops``).
+
+The Triton path reduces the [N, L] error buffer with torch ops, not in the
+kernel: the buffer is 1/D of the data the kernel reads (D = P*P*C values per
+patch), a torch sum is deterministic where an in-kernel cross-program sum
+needs atomics (run-to-run fp32 differences) or a second launch anyway, the
+mask-count denominators and their empty-mask guards stay the reference's
+code, and autograd derives the per-patch upstream weights (1/count, 0 for
+empty masks, per-sample) that the backward kernel consumes. torch.compile
+fuses those few ops into one small kernel. The per-patch error is kept in
+fp32 (fp64 for fp64 inputs) and the loss is cast to promote(pred, imgs) last.
+The mask is not differentiated (it is data: which patches are counted).
 """
 from __future__ import annotations
+
+import importlib
+from typing import Optional
 
 import torch
 
 from maep_fast._checks import check_same_device, check_tensor
-from maep_fast.ops._dispatch import resolve_backend
+from maep_fast.ops._dispatch import register_backends, resolve_backend
 from maep_fast.ops.patchify import patchify
 
 REDUCTIONS = ("mean", "sum", "per_sample", "none")
+
+register_backends("patch_recon_loss", "triton", "cpp", "cuda")
 
 
 def _validate(pred, imgs, mask, patch_size, p, reduction):
@@ -60,6 +82,13 @@ def normalize_patches(target: torch.Tensor) -> torch.Tensor:
     return (target - mean) / (var + 1.0e-6) ** 0.5
 
 
+def _safe_denom(denom: torch.Tensor) -> torch.Tensor:
+    """denom where > 0, else 1: the untaken branch of the empty-mask ``where`` stays
+    finite in every dtype. ``clamp_min(1e-12)`` is 0 in fp16, so an empty mask gave
+    a NaN gradient there (the division's backward computes 0 * (1 / 0))."""
+    return torch.where(denom > 0, denom, torch.ones_like(denom))
+
+
 def patch_recon_loss_reference(
     pred: torch.Tensor,
     imgs: torch.Tensor,
@@ -90,9 +119,9 @@ def patch_recon_loss_reference(
         return weighted.sum()
     if reduction == "per_sample":
         denom = m.sum(dim=1)
-        return torch.where(denom > 0, weighted.sum(dim=1) / denom.clamp_min(1e-12), torch.zeros_like(denom))
+        return torch.where(denom > 0, weighted.sum(dim=1) / _safe_denom(denom), torch.zeros_like(denom))
     denom = m.sum()
-    return torch.where(denom > 0, weighted.sum() / denom.clamp_min(1e-12), torch.zeros_like(denom))
+    return torch.where(denom > 0, weighted.sum() / _safe_denom(denom), torch.zeros_like(denom))
 
 
 def patch_recon_loss(
@@ -106,7 +135,97 @@ def patch_recon_loss(
     reduction: str = "mean",
     backend: str = "auto",
 ) -> torch.Tensor:
-    """See module docstring. Only the reference (``torch``) backend exists so far."""
+    """See module docstring; ``backend`` is auto | torch | triton | cpp | cuda."""
     _validate(pred, imgs, mask, patch_size, p, reduction)
-    resolve_backend("patch_recon_loss", backend, pred.device)
+    be = resolve_backend("patch_recon_loss", backend, pred.device)
+    if be == "triton":
+        return _patch_recon_loss_triton(pred, imgs, mask, patch_size, bool(norm_pix), int(p), reduction)
+    if be in ("cpp", "cuda"):
+        importlib.import_module("maep_fast.ops._native_ops")  # registers the native op's autograd and fake
+        return torch.ops.maep_fast.patch_recon_loss(pred, imgs, mask, patch_size, bool(norm_pix), int(p), reduction)
     return patch_recon_loss_reference(pred, imgs, mask, patch_size, norm_pix, p, reduction)
+
+
+# ---------------------------------------------------------------- Triton backend
+def _compute_dtype(pred: torch.Tensor, imgs: torch.Tensor) -> torch.dtype:
+    return torch.float64 if torch.float64 in (pred.dtype, imgs.dtype) else torch.float32
+
+
+@torch.library.custom_op("maep_fast::patch_recon_loss_triton", mutates_args=())
+def _prl_triton_fwd(
+    pred: torch.Tensor, imgs: torch.Tensor, mask: Optional[torch.Tensor], patch_size: int, norm_pix: bool, p: int
+) -> torch.Tensor:
+    """Masked per-patch error err[n, l] * mask[n, l] ([N, L], fp32 or fp64): one fused kernel."""
+    from maep_fast.ops.triton_kernels.patch_recon_loss import patch_recon_loss_fwd
+
+    return patch_recon_loss_fwd(pred, imgs, mask, patch_size, norm_pix, p)
+
+
+@_prl_triton_fwd.register_fake
+def _(pred, imgs, mask, patch_size, norm_pix, p):
+    n, _, h, w = imgs.shape
+    return pred.new_empty((n, (h // patch_size) * (w // patch_size)), dtype=_compute_dtype(pred, imgs))
+
+
+@torch.library.custom_op("maep_fast::patch_recon_loss_triton_backward", mutates_args=())
+def _prl_triton_bwd(
+    grad_err: torch.Tensor,
+    pred: torch.Tensor,
+    imgs: torch.Tensor,
+    mask: Optional[torch.Tensor],
+    patch_size: int,
+    norm_pix: bool,
+    p: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(d pred, d imgs) of sum(grad_err * err): one fused kernel."""
+    from maep_fast.ops.triton_kernels.patch_recon_loss import patch_recon_loss_bwd
+
+    return patch_recon_loss_bwd(grad_err, pred, imgs, mask, patch_size, norm_pix, p)
+
+
+@_prl_triton_bwd.register_fake
+def _(grad_err, pred, imgs, mask, patch_size, norm_pix, p):
+    return pred.new_empty(pred.shape), imgs.new_empty(imgs.shape)
+
+
+def _prl_setup_context(ctx, inputs, output):
+    pred, imgs, mask, patch_size, norm_pix, p = inputs
+    ctx.save_for_backward(pred, imgs, mask)
+    ctx.cfg = (patch_size, norm_pix, p)
+
+
+def _prl_backward(ctx, grad_err):
+    pred, imgs, mask = ctx.saved_tensors
+    dpred, dimgs = torch.ops.maep_fast.patch_recon_loss_triton_backward(grad_err, pred, imgs, mask, *ctx.cfg)
+    return dpred, dimgs, None, None, None, None
+
+
+_prl_triton_fwd.register_autograd(_prl_backward, setup_context=_prl_setup_context)
+
+
+def _reduce(err: torch.Tensor, m: torch.Tensor | None, reduction: str) -> torch.Tensor:
+    """The reference's reduction on the (already mask-weighted) [N, L] error."""
+    if m is None:
+        if reduction == "mean":
+            return err.mean()
+        if reduction == "sum":
+            return err.sum()
+        if reduction == "per_sample":
+            return err.mean(dim=1)
+        return err
+    if reduction == "none":
+        return err
+    if reduction == "sum":
+        return err.sum()
+    if reduction == "per_sample":
+        denom = m.sum(dim=1)
+        return torch.where(denom > 0, err.sum(dim=1) / _safe_denom(denom), torch.zeros_like(denom))
+    denom = m.sum()
+    return torch.where(denom > 0, err.sum() / _safe_denom(denom), torch.zeros_like(denom))
+
+
+def _patch_recon_loss_triton(pred, imgs, mask, patch_size, norm_pix, p, reduction):
+    cdtype = _compute_dtype(pred, imgs)
+    m = None if mask is None else mask.detach().to(cdtype)
+    err = torch.ops.maep_fast.patch_recon_loss_triton(pred, imgs, m, patch_size, norm_pix, p)
+    return _reduce(err, m, reduction).to(torch.promote_types(pred.dtype, imgs.dtype))

@@ -14,7 +14,12 @@ in fp32 (fp64 for fp64 inputs). A sample whose gradient is all zero does not
 move before projection.
 
 Backends: ``torch`` (reference, any device), ``cpp`` (``torch.ops.maep_fast``
-CPU kernel from ``csrc/``).
+CPU kernel from ``csrc/``), ``triton`` (``triton_kernels/pgd_step.py``: L-inf
+one elementwise launch; L2 three launches: grad-norm partials, update +
+delta-norm partials, projection + clamp + store; custom ops
+``maep_fast::pgd_step_triton`` and the in-place ``maep_fast::pgd_step_triton_``
+with fake kernels, so torch.compile traces them). The step is not
+differentiable (an update, not a layer).
 """
 from __future__ import annotations
 
@@ -29,6 +34,7 @@ from maep_fast.ops._dispatch import register_backends, resolve_backend
 NORMS = ("linf", "l2")
 
 register_backends("pgd_step", "cpp", "cuda")
+register_backends("pgd_step", "triton")
 
 
 def _as_per_sample(v: object, name: str, batch: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -141,6 +147,10 @@ def pgd_step(
         return _native_op("pgd_step")(
             x.contiguous(), grad.contiguous(), x0.contiguous(), step, eps_t, norm, direction, lo, hi
         )
+    if be == "triton":
+        return torch.ops.maep_fast.pgd_step_triton(
+            x.contiguous(), grad.contiguous(), x0.contiguous(), step, eps_t, norm, direction, lo, hi
+        )
     return pgd_step_reference(x, grad, x0, step, eps_t, norm, direction, lo, hi)
 
 
@@ -162,8 +172,15 @@ def pgd_step_(
     if be == "cpp" and x.is_contiguous():
         _native_op("pgd_step_")(x, grad.contiguous(), x0.contiguous(), step, eps_t, norm, direction, lo, hi)
         return x
+    if be == "triton" and x.is_contiguous():
+        torch.ops.maep_fast.pgd_step_triton_(x, grad.contiguous(), x0.contiguous(), step, eps_t, norm, direction, lo, hi)
+        return x
     if be == "cpp":
         out = _native_op("pgd_step")(
+            x.contiguous(), grad.contiguous(), x0.contiguous(), step, eps_t, norm, direction, lo, hi
+        )
+    elif be == "triton":
+        out = torch.ops.maep_fast.pgd_step_triton(
             x.contiguous(), grad.contiguous(), x0.contiguous(), step, eps_t, norm, direction, lo, hi
         )
     else:
@@ -187,3 +204,50 @@ def _register_fakes() -> None:
 
 if native_available():
     _register_fakes()
+
+
+# ---------------------------------------------------------------- Triton backend
+@torch.library.custom_op("maep_fast::pgd_step_triton", mutates_args=())
+def _pgd_step_triton(
+    x: torch.Tensor,
+    grad: torch.Tensor,
+    x0: torch.Tensor,
+    step_size: torch.Tensor,
+    eps: torch.Tensor,
+    norm: str,
+    direction: int,
+    clamp_min: float,
+    clamp_max: float,
+) -> torch.Tensor:
+    """Out-of-place fused step (contiguous inputs; step_size/eps: [B])."""
+    from maep_fast.ops.triton_kernels.pgd_step import pgd_step_triton
+
+    return pgd_step_triton(x, grad, x0, step_size, eps, norm, direction, clamp_min, clamp_max)
+
+
+@_pgd_step_triton.register_fake
+def _(x, grad, x0, step_size, eps, norm, direction, clamp_min, clamp_max):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("maep_fast::pgd_step_triton_", mutates_args=("x",))
+def _pgd_step_triton_inplace(
+    x: torch.Tensor,
+    grad: torch.Tensor,
+    x0: torch.Tensor,
+    step_size: torch.Tensor,
+    eps: torch.Tensor,
+    norm: str,
+    direction: int,
+    clamp_min: float,
+    clamp_max: float,
+) -> None:
+    """In-place fused step: writes x (contiguous)."""
+    from maep_fast.ops.triton_kernels.pgd_step import pgd_step_triton
+
+    pgd_step_triton(x, grad, x0, step_size, eps, norm, direction, clamp_min, clamp_max, out=x)
+
+
+@_pgd_step_triton_inplace.register_fake
+def _(x, grad, x0, step_size, eps, norm, direction, clamp_min, clamp_max):
+    return None
