@@ -79,3 +79,21 @@ def test_explicit_unavailable_backend_raises():
         resolve_backend("pgd_step", "cuda", torch.device("cpu"))
     with pytest.raises(ValueError, match="backend must be one of"):
         tiny_mae().set_backend("fastest")
+
+
+def test_mixed_dtypes_under_autocast_on_every_available_backend():
+    """bf16 predictions (autocast) against fp32 images must work on every backend auto may pick."""
+    from maep_fast.ops import patch_recon_loss
+    from maep_fast.ops._dispatch import unavailable_reason
+
+    pred = torch.randn(2, 16, 4, dtype=torch.bfloat16, requires_grad=True)
+    imgs = torch.rand(2, 1, 8, 8, requires_grad=True)
+    ref = patch_recon_loss(pred, imgs, None, patch_size=2, backend="torch")
+    for be in ("cpp", "triton"):
+        if unavailable_reason("patch_recon_loss", be, torch.device("cpu")):
+            continue
+        out = patch_recon_loss(pred, imgs, None, patch_size=2, backend=be)
+        out.backward()
+        torch.testing.assert_close(out.float(), ref.float(), rtol=2e-2, atol=1e-3)
+        assert imgs.grad is not None and pred.grad.dtype == torch.bfloat16
+        imgs.grad = pred.grad = None

@@ -142,7 +142,9 @@ def patch_recon_loss(
         return _patch_recon_loss_triton(pred, imgs, mask, patch_size, bool(norm_pix), int(p), reduction)
     if be in ("cpp", "cuda"):
         importlib.import_module("maep_fast.ops._native_ops")  # registers the native op's autograd and fake
-        return torch.ops.maep_fast.patch_recon_loss(pred, imgs, mask, patch_size, bool(norm_pix), int(p), reduction)
+        dt = torch.promote_types(pred.dtype, imgs.dtype)  # e.g. bf16 pred under autocast, fp32 images
+        return torch.ops.maep_fast.patch_recon_loss(pred.to(dt), imgs.to(dt), mask, patch_size, bool(norm_pix), int(p),
+                                                    reduction)
     return patch_recon_loss_reference(pred, imgs, mask, patch_size, norm_pix, p, reduction)
 
 
