@@ -1,0 +1,593 @@
+"""End-to-end purifier throughput: MAEP vs MAE-Pure vs DiffPure, same run, same device.
+
+    python3 bench/bench_purify.py                         # GPU: ViT-B/4 dec512, batch 1..512, fp32 + bf16
+    python3 bench/bench_purify.py --device cpu --quick    # < 2 min on a CPU
+    python3 bench/bench_purify.py --batch-sizes 1,32 --mae-pure-steps 150,20 --dtypes float32,bfloat16
+
+Purifiers and variants (random weights: speed does not depend on them):
+
+- MAEP (one forward at mask 0): ``eager`` = ``Purifier(fused=False)`` (pure-PyTorch
+  reference ops), ``compile`` = ``torch.compile`` of that reference forward,
+  ``fused`` = ``Purifier(fused=True)`` (dispatching ops: SDPA / Triton / C++).
+- MAE-Pure (S steps of forward + input gradient + sign step, mask 0.25):
+  ``fused`` (backend auto) and ``reference`` (backend torch everywhere), for each S.
+- DiffPure (DDPM CIFAR-10 UNet, 35.7 M params, 32x32x3): ``sde100`` (reverse
+  VP-SDE, t* = 0.1, dt = 1e-3) and ``ddim5``. ``--diffpure-timed-steps N`` times N
+  Euler steps and scales to 100 (each step is one UNet call; rows say so).
+- MAEP training step (maep_loss at mask 0.5 + backward + AdamW): fused vs reference.
+
+Per row: median latency per batch, images/s, FLOPs per image (bench/flops.py),
+achieved TFLOP/s and MFU = achieved / the device's measured matmul ceiling
+(bench/common.measure_ceilings) for that dtype, peak memory (CUDA:
+torch.cuda.max_memory_allocated during the timed calls; CPU: peak resident-set
+growth over the pre-call RSS, sampled every 2 ms in a thread -- approximate, the
+allocator may reuse memory it already holds). bf16 runs under torch.autocast.
+Writes bench/results/purify_<device>.json/.csv and purify_<device>.png.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import flops as flopmod  # noqa: E402
+from common import RESULTS, measure_ceilings, run_meta, sync, time_fn, write_results  # noqa: E402
+
+from maep_fast.models.presets import PRESETS, create_mae  # noqa: E402
+from maep_fast.purify.maep import Purifier  # noqa: E402
+from maep_fast.train.maep import maep_loss  # noqa: E402
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+# ------------------------------------------------------------------ helpers
+@contextlib.contextmanager
+def backend_env(value: str | None):
+    """Set MAEP_FAST_BACKEND for the duration (None: leave as is)."""
+    if value is None:
+        yield
+        return
+    old = os.environ.get("MAEP_FAST_BACKEND")
+    os.environ["MAEP_FAST_BACKEND"] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("MAEP_FAST_BACKEND", None)
+        else:
+            os.environ["MAEP_FAST_BACKEND"] = old
+
+
+def amp(device: torch.device, dtype: torch.dtype):
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+class RSSPeak:
+    """Peak resident-set growth (MB) over the value at start, sampled every 2 ms in a thread."""
+
+    PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+    def _rss(self) -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * self.PAGE
+
+    def __enter__(self):
+        self.base = self.peak = self._rss()
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+        return self
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._rss())
+            time.sleep(0.002)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
+        self.peak = max(self.peak, self._rss())
+        self.delta_mb = (self.peak - self.base) / 2**20
+
+
+class MemProbe:
+    """CUDA: peak allocated during the block; CPU: sampled peak RSS growth (see RSSPeak)."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.result = device, {}
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base = torch.cuda.memory_allocated(self.device)
+        else:
+            self.rss = RSSPeak().__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(self.device)
+            self.result = {"peak_mem_MB": round(peak / 2**20, 1),
+                           "peak_mem_over_resident_MB": round((peak - self.base) / 2**20, 1)}
+        else:
+            self.rss.__exit__(*exc)
+            self.result = {"cpu_rss_growth_MB": round(self.rss.delta_mb, 1)}
+
+
+def measure(fn, device, budget_s: float, max_repeat: int, warm=None) -> dict:
+    """Warm up (``warm`` if given, a cheaper stand-in, else one call of ``fn``: compiles, allocates),
+    time one call to size the repeats, then as many calls as fit ``budget_s`` (1..max_repeat; median
+    via common.time_fn). A config that fits only one call keeps the sizing call as its measurement."""
+    (warm or fn)()
+    sync(device)
+    with MemProbe(device) as mp:
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        first = time.perf_counter() - t0
+    repeat = max(1, min(max_repeat, int(budget_s / max(first, 1e-6))))
+    if repeat == 1:
+        t = {"median_ms": first * 1e3, "min_ms": first * 1e3, "iqr_ms": 0.0, "n": 1}
+    else:
+        with MemProbe(device) as mp:
+            t = time_fn(fn, device, warmup=0, repeat=repeat)
+    t.update(mp.result)
+    return t
+
+
+class Bench:
+    def __init__(self, args, device, ceil):
+        self.args, self.device, self.ceil = args, device, ceil
+        self.rows: list[dict] = []
+        self.t0 = time.time()
+        self.last: dict[str, tuple[int, float]] = {}  # series -> (batch, seconds per call) for projections
+
+    def run(self, series: dict, batch: int, make_fn, flops_per_image: int | None, scale: float = 1.0,
+            warm=None, extra: dict | None = None):
+        """Time make_fn() at ``batch``; ``scale`` multiplies the measured time (extrapolated step counts)."""
+        a = self.args
+        row = {**series, "batch": batch, **(extra or {})}
+        key = "|".join(str(series[k]) for k in sorted(series))
+        if a.time_limit_s and time.time() - self.t0 > a.time_limit_s:
+            row["skipped"] = f"--time-limit-s {a.time_limit_s:.0f} reached"
+            self.rows.append(row)
+            print(f"  {self._label(row):44s} B{batch:<4d} skipped: {row['skipped']}")
+            return
+        if key in self.last:
+            b0, s0 = self.last[key]
+            proj = s0 * batch / b0
+            if proj > a.max_call_s:
+                row["skipped"] = f"projected {proj:.0f} s per call > --max-call-s {a.max_call_s}"
+                self.rows.append(row)
+                print(f"  {self._label(row):44s} B{batch:<4d} skipped: {row['skipped']}")
+                return
+        try:
+            fn = make_fn()
+            t = measure(fn, self.device, a.budget_s, a.repeat, warm=warm)
+        except Exception as exc:  # OOM or a broken path: report it, keep going
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            row["error"] = f"{type(exc).__name__}: {exc}"[:300]
+            self.rows.append(row)
+            print(f"  {self._label(row):44s} B{batch:<4d} ERROR {row['error']}")
+            return
+        ms = t["median_ms"] * scale
+        self.last[key] = (batch, t["median_ms"] / 1e3)
+        ips = batch / (ms * 1e-3)
+        row.update(median_ms=round(ms, 3), iqr_ms=round(t["iqr_ms"] * scale, 3), repeats=t["n"],
+                   images_per_s=round(ips, 3), ms_per_image=round(ms / batch, 4))
+        for k in ("peak_mem_MB", "peak_mem_over_resident_MB", "cpu_rss_growth_MB"):
+            if k in t:
+                row[k] = t[k]
+        if flops_per_image:
+            tf = ips * flops_per_image / 1e12
+            row.update(gflop_per_image=round(flops_per_image / 1e9, 4), achieved_TFLOPs=round(tf, 4),
+                       mfu=self.mfu(tf, series["dtype"]))
+        self.rows.append(row)
+        mem = row.get("peak_mem_MB", row.get("cpu_rss_growth_MB"))
+        print(f"  {self._label(row):44s} B{batch:<4d} {ms:10.2f} ms  {ips:10.2f} img/s  "
+              f"MFU {row.get('mfu', float('nan')):.3f}  mem {mem} MB  (n={t['n']})")
+
+    def mfu(self, tflops: float, dtype: str) -> float | None:
+        ceil = self.ceil.get(f"matmul_{dtype}_TFLOPs", self.ceil.get("matmul_float32_TFLOPs"))
+        return round(tflops / ceil, 4) if ceil else None
+
+    def finalize_mfu(self, ceil: dict) -> None:
+        """Recompute MFU against ``ceil`` (the best of the ceilings measured before and after the run)."""
+        self.ceil = ceil
+        for r in self.rows:
+            if r.get("achieved_TFLOPs") is not None:
+                r["mfu"] = self.mfu(r["achieved_TFLOPs"], r["dtype"])
+
+    @staticmethod
+    def _label(row) -> str:
+        s = f"{row['purifier']} {row['variant']}"
+        if row.get("steps"):
+            s += f" S{row['steps']}"
+        if row.get("extrapolated"):
+            s += f" (timed {row['timed_network_calls']} calls)"
+        return f"{s} [{row['dtype']}, {row['preset']}]"
+
+
+def label_of(row) -> str:
+    return Bench._label(row)
+
+
+# ------------------------------------------------------------- the benches
+def bench_maep(B: Bench, preset: str, base_model, dtype, batches, fl, use_compile):
+    dev, dname = B.device, str(dtype).split(".")[-1]
+    ref_model = copy.deepcopy(base_model)
+    fused_model = copy.deepcopy(base_model)
+    ref = Purifier(ref_model, fused=False, batch_size=max(batches))
+    fused = Purifier(fused_model, fused=True, batch_size=max(batches))
+    # dynamic=None: the second batch size recompiles with a dynamic batch dimension, later ones reuse it
+    compiled = torch.compile(ref._single) if use_compile else None
+    for b in batches:
+        x = torch.rand(b, base_model.in_chans, base_model.img_size, base_model.img_size, device=dev)
+        common = {"purifier": "MAEP", "preset": preset, "dtype": dname}
+
+        def call(p):
+            def f():
+                with amp(dev, dtype):
+                    return p.purify(x)
+            return f
+
+        B.run({**common, "variant": "eager"}, b, lambda: call(ref), fl["maep"])
+        if compiled is not None:
+            def comp():
+                with torch.no_grad(), amp(dev, dtype):
+                    ref._check(x)
+                    return compiled(x)
+            B.run({**common, "variant": "compile"}, b, lambda: comp, fl["maep"])
+        B.run({**common, "variant": "fused"}, b, lambda: call(fused), fl["maep"])
+    del ref_model, fused_model
+
+
+def bench_mae_pure(B: Bench, preset: str, base_model, dtype, batches, fl, steps_list):
+    dname = str(dtype).split(".")[-1]
+    common = {"purifier": "MAE-Pure", "preset": preset, "dtype": dname}
+    try:
+        from maep_fast.purify.mae_pure import MAEPure
+    except Exception as exc:  # the module is written in parallel: skip, do not fail
+        reason = f"maep_fast.purify.mae_pure not importable: {type(exc).__name__}: {exc}"[:300]
+        print(f"  MAE-Pure skipped: {reason}")
+        for s in steps_list:
+            for v in ("fused", "reference"):
+                B.rows.append({**common, "variant": v, "steps": s, "skipped": reason})
+        return
+    dev = B.device
+    ref_model = copy.deepcopy(base_model).set_backend("torch")
+    fused_model = copy.deepcopy(base_model).set_backend("auto")
+    for s in steps_list:
+        fl_img = fl["mae_pure_step"] * s
+        for b in batches:
+            x = torch.rand(b, base_model.in_chans, base_model.img_size, base_model.img_size, device=dev)
+            for variant, model, backend, env in (("fused", fused_model, "auto", None),
+                                                 ("reference", ref_model, "torch", "torch")):
+                def purifier(steps, model=model, backend=backend, env=env):
+                    mp = MAEPure(model, steps=steps, mask_ratio=0.25, n_masks=1, backend=backend, batch_size=b, seed=0)
+
+                    def f():
+                        with backend_env(env), amp(dev, dtype):
+                            return mp.purify(x)
+                    return f
+                # warm-up with a 1-step purifier: the same kernels, 1/S of the time
+                B.run({**common, "variant": variant, "steps": s}, b, lambda: purifier(s), fl_img,
+                      warm=lambda: purifier(1)())
+    del ref_model, fused_model
+
+
+def bench_diffpure(B: Bench, unet, dtype, batches, fl_call, timed_steps: int | None, ddim_steps: int = 5):
+    from maep_fast.baselines.diffpure import DiffPure
+
+    dev, dname = B.device, str(dtype).split(".")[-1]
+    common = {"purifier": "DiffPure", "preset": "ddpm_cifar10_unet", "dtype": dname}
+    full = DiffPure(unet, sampler="sde").sde_steps
+    n_timed = full if not timed_steps else min(timed_steps, full)
+    for b in batches:
+        x = torch.rand(b, 3, 32, 32, device=dev)
+
+        def warm():  # one network call: allocator / kernel warm-up without a full purification
+            with torch.no_grad(), amp(dev, dtype):
+                unet(x * 2 - 1, torch.full((b,), 99.9, device=dev))
+
+        for variant, kw, calls, scale in (
+                (f"sde{full}", dict(sampler="sde", dt=0.1 / n_timed), full, full / n_timed),
+                (f"ddim{ddim_steps}", dict(sampler="ddim", ddim_steps=ddim_steps), ddim_steps, 1.0)):
+            def make(kw=kw):
+                dp = DiffPure(unet, t_star=0.1, seed=0, batch_size=b, **kw)
+
+                def f():
+                    with amp(dev, dtype):
+                        return dp.purify(x)
+                return f
+            extra = {"network_calls": calls}
+            if scale != 1.0:
+                extra.update(timed_network_calls=n_timed, extrapolated=True)
+            B.run({**common, "variant": variant}, b, make, fl_call * calls, scale=scale, warm=warm, extra=extra)
+
+
+def bench_train(B: Bench, preset: str, base_model, dtype, batches, fl):
+    dev, dname = B.device, str(dtype).split(".")[-1]
+    common = {"purifier": "MAEP-train", "preset": preset, "dtype": dname}
+    for variant, backend, env in (("reference", "torch", "torch"), ("fused", "auto", None)):
+        model = copy.deepcopy(base_model).set_backend(backend).train()
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+        for b in batches:
+            x = torch.rand(b, base_model.in_chans, base_model.img_size, base_model.img_size, device=dev)
+            x_adv = (x + (8 / 255) * torch.sign(torch.randn_like(x))).clamp(0, 1)
+
+            def make(model=model, opt=opt, env=env, x=x, x_adv=x_adv):
+                def f():
+                    with backend_env(env):
+                        opt.zero_grad(set_to_none=True)
+                        with amp(dev, dtype):
+                            loss, _ = maep_loss(model, x_adv, x, 0.5, 1.0, 1.0)
+                        loss.backward()
+                        opt.step()
+                return f
+            B.run({**common, "variant": variant}, b, make, fl["maep_train_step"])
+        del model, opt
+
+
+# ------------------------------------------------------------------ output
+def plot(rows, path: Path, title: str) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    series: dict[str, list] = {}
+    for r in rows:
+        if r.get("images_per_s") and r["purifier"] != "MAEP-train":
+            series.setdefault(label_of(r), []).append((r["batch"], r["images_per_s"]))
+    if not series:
+        return False
+    styles = {"MAEP": "-", "MAE-Pure": "--", "DiffPure": ":"}
+    fig, ax = plt.subplots(figsize=(9, 6))
+    for lab, pts in sorted(series.items()):
+        pts.sort()
+        ls = next((v for k, v in styles.items() if lab.startswith(k + " ")), "-")
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], ls, marker="o", label=lab)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("batch size")
+    ax.set_ylabel("images / s")
+    ax.set_title(title, fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def best(rows, **match):
+    cands = [r for r in rows if r.get("images_per_s") and all(r.get(k) == v for k, v in match.items())]
+    return max(cands, key=lambda r: r["images_per_s"]) if cands else None
+
+
+def summarize(rows) -> list[str]:
+    out = []
+    dtypes = sorted({r["dtype"] for r in rows})
+    presets = sorted({r["preset"] for r in rows if r["purifier"] == "MAEP"})
+    for dt in dtypes:
+        for pr in presets:
+            m = best(rows, purifier="MAEP", variant="fused", dtype=dt, preset=pr)
+            for v in sorted({r["variant"] for r in rows if r["purifier"] == "DiffPure"}):
+                d = best(rows, purifier="DiffPure", variant=v, dtype=dt)
+                if m and d:
+                    ex = " (DiffPure extrapolated from fewer steps)" if d.get("extrapolated") else ""
+                    out.append(f"[{dt}] MAEP fused ({pr}) {m['images_per_s']:.1f} img/s @B{m['batch']} vs DiffPure {v} "
+                               f"{d['images_per_s']:.3f} img/s @B{d['batch']}: x{m['images_per_s'] / d['images_per_s']:.0f}{ex}")
+            for s in sorted({r.get("steps") for r in rows if r["purifier"] == "MAE-Pure" and r.get("steps")}):
+                mp = best(rows, purifier="MAE-Pure", variant="fused", dtype=dt, preset=pr, steps=s)
+                if m and mp:
+                    out.append(f"[{dt}] MAEP fused vs MAE-Pure fused S{s} ({pr}): {m['images_per_s']:.1f} vs "
+                               f"{mp['images_per_s']:.2f} img/s (best batch each): x{m['images_per_s'] / mp['images_per_s']:.0f}")
+            by_b = {}
+            for r in rows:
+                if r["purifier"] == "MAEP" and r["dtype"] == dt and r["preset"] == pr and r.get("images_per_s"):
+                    by_b.setdefault(r["batch"], {})[r["variant"]] = r["images_per_s"]
+            for b, v in sorted(by_b.items()):
+                if "fused" in v:
+                    parts = [f"vs {k} x{v['fused'] / v[k]:.2f}" for k in ("eager", "compile") if k in v]
+                    out.append(f"[{dt}] MAEP fused B{b} ({pr}): {v['fused']:.1f} img/s " + ", ".join(parts))
+            for purifier in ("MAE-Pure", "MAEP-train"):
+                groups = {}
+                for r in rows:
+                    if r["purifier"] == purifier and r["dtype"] == dt and r["preset"] == pr and r.get("images_per_s"):
+                        groups.setdefault((r.get("steps"), r["batch"]), {})[r["variant"]] = r["images_per_s"]
+                for (s, b), v in sorted(groups.items(), key=lambda kv: (kv[0][0] or 0, kv[0][1])):
+                    if "fused" in v and "reference" in v:
+                        tag = f" S{s}" if s else ""
+                        out.append(f"[{dt}] {purifier}{tag} B{b} ({pr}): fused {v['fused']:.2f} vs reference "
+                                   f"{v['reference']:.2f} img/s: x{v['fused'] / v['reference']:.2f}")
+    seen = set()
+    for r in sorted((r for r in rows if r.get("images_per_s")), key=lambda r: -r["images_per_s"]):
+        key = (r["purifier"], r["variant"], r.get("steps"), r["dtype"], r["preset"])
+        if key in seen:
+            continue
+        seen.add(key)
+        out.append(f"best {label_of(r):56s} {r['images_per_s']:10.3f} img/s @B{r['batch']:<4d} "
+                   f"{r.get('gflop_per_image', float('nan')):9.3f} GFLOP/img  MFU {r.get('mfu') or float('nan'):.3f}")
+    for r in rows:
+        if r.get("skipped") and r["purifier"] == "MAE-Pure":
+            out.append(f"MAE-Pure skipped: {r['skipped']}")
+            break
+    return out
+
+
+def _ints(s: str) -> list[int]:
+    return [int(v) for v in s.split(",") if v]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--presets", "--preset", default=None,
+                    help="MAE presets, comma-separated (default: mae_vit_base_patch4_dec512 on cuda, mae_vit_tiny_patch4 on cpu)")
+    ap.add_argument("--batch-sizes", default=None, help="default 1,8,32,128,512 (cuda), 1,8,32 (cpu), 1,8 (--quick)")
+    ap.add_argument("--mae-pure-batch-sizes", default=None, help="default: --batch-sizes (cpu --quick: 1)")
+    ap.add_argument("--diffpure-batch-sizes", default=None, help="default: --batch-sizes (cpu --quick: 1)")
+    ap.add_argument("--train-batch-sizes", default=None, help="default 128,512 (cuda), 32 (cpu), 8 (--quick)")
+    ap.add_argument("--dtypes", default=None, help="float32,bfloat16 (default cuda) | float32 (default cpu)")
+    ap.add_argument("--mae-pure-steps", default=None, help="default 150,20 (cuda), 20 (cpu)")
+    ap.add_argument("--diffpure-timed-steps", type=int, default=None,
+                    help="time this many SDE Euler steps and scale to 100 (default: all 100; cpu --quick: 10)")
+    ap.add_argument("--only", default="maep,mae_pure,diffpure,train", help="which benches to run")
+    ap.add_argument("--compile", dest="use_compile", action="store_true", default=None,
+                    help="include torch.compile(reference) for MAEP (default on for cuda, off for cpu: inductor's "
+                         "C++ build of one model takes ~2 min on 2 busy cores)")
+    ap.add_argument("--no-compile", dest="use_compile", action="store_false")
+    ap.add_argument("--tf32", action="store_true",
+                    help="allow TF32 in fp32 matmuls and convolutions on CUDA (default off: fp32 rows are true fp32 "
+                         "for ViTs and UNet alike; cuDNN would otherwise use TF32 for the UNet's convolutions only)")
+    ap.add_argument("--quick", action="store_true", help="a < 2 min CPU run: small batches, few repeats")
+    ap.add_argument("--repeat", type=int, default=None, help="max timed calls per config (default 10, quick 5)")
+    ap.add_argument("--budget-s", type=float, default=None, help="timing budget per config (default 10 cuda, 3 cpu, 2 quick)")
+    ap.add_argument("--max-call-s", type=float, default=None,
+                    help="skip a config when its projected time per call exceeds this (default 120 cuda, 30 cpu)")
+    ap.add_argument("--time-limit-s", type=float, default=None,
+                    help="skip the configs left after this many seconds, still writing results (default 420 on cuda: "
+                         "the device tool stops a command at 600 s; none on cpu)")
+    ap.add_argument("--name", default=None, help="results file stem (default purify_<device>)")
+    args = ap.parse_args()
+
+    device = torch.device(args.device)
+    gpu = device.type == "cuda"
+    if gpu and not torch.cuda.is_available():
+        raise SystemExit("--device cuda requested but torch.cuda.is_available() is False")
+    q = args.quick
+    presets = (args.presets or ("mae_vit_base_patch4_dec512" if gpu else "mae_vit_tiny_patch4")).split(",")
+    for p in presets:
+        if p not in PRESETS:
+            raise SystemExit(f"unknown preset {p!r}; choose from {sorted(PRESETS)}")
+    batches = _ints(args.batch_sizes or ("1,8,32,128,512" if gpu else ("1,8" if q else "1,8,32")))
+    dp_batches = _ints(args.diffpure_batch_sizes) if args.diffpure_batch_sizes else (
+        [1] if (q and not gpu) else batches)
+    mp_batches = _ints(args.mae_pure_batch_sizes) if args.mae_pure_batch_sizes else (
+        [1] if (q and not gpu) else batches)
+    train_batches = _ints(args.train_batch_sizes or ("128,512" if gpu else ("8" if q else "32")))
+    dtypes = [DTYPES[d] for d in (args.dtypes or ("float32,bfloat16" if gpu else "float32")).split(",")]
+    steps_list = _ints(args.mae_pure_steps or ("150,20" if gpu else "20"))
+    timed_steps = args.diffpure_timed_steps if args.diffpure_timed_steps is not None else (10 if (q and not gpu) else None)
+    use_compile = args.use_compile if args.use_compile is not None else gpu
+    args.repeat = args.repeat or (5 if q else 10)
+    args.budget_s = args.budget_s or (10.0 if gpu else (2.0 if q else 3.0))
+    args.max_call_s = args.max_call_s or (120.0 if gpu else 30.0)
+    if args.time_limit_s is None:
+        args.time_limit_s = 420.0 if gpu else 0.0
+    only = set(args.only.split(","))
+    if use_compile:
+        for k in ("cache_size_limit", "recompile_limit"):
+            if hasattr(torch._dynamo.config, k):
+                setattr(torch._dynamo.config, k, 64)
+
+    if gpu:
+        torch.backends.cuda.matmul.allow_tf32 = args.tf32
+        torch.backends.cudnn.allow_tf32 = args.tf32
+    t_start = time.time()
+    load0 = os.getloadavg()
+    ceil = measure_ceilings(device, quick=q)
+    meta = run_meta(device)
+    meta.update(
+        loadavg_start=load0, presets=presets, batch_sizes=batches, diffpure_batch_sizes=dp_batches,
+        mae_pure_batch_sizes=mp_batches,
+        train_batch_sizes=train_batches, dtypes=[str(d).split(".")[-1] for d in dtypes], mae_pure_steps=steps_list,
+        diffpure_timed_steps=timed_steps, tf32=bool(args.tf32 and gpu), compile=use_compile, quick=q, repeat=args.repeat, budget_s=args.budget_s,
+        max_call_s=args.max_call_s, time_limit_s=args.time_limit_s, env_MAEP_FAST_BACKEND=os.environ.get("MAEP_FAST_BACKEND"),
+        omp_num_threads=os.environ.get("OMP_NUM_THREADS"),
+        memory_method=("torch.cuda.max_memory_allocated over the timed calls (peak_mem_MB, includes weights); "
+                       "peak_mem_over_resident_MB subtracts what was allocated before" if gpu else
+                       "cpu_rss_growth_MB: peak RSS minus pre-call RSS, sampled every 2 ms in a thread (approximate; "
+                       "memory the allocator already holds is not seen)"),
+        note=("random weights; bf16 = torch.autocast; latency = median ms per call (one batch); MFU = images/s x "
+              "FLOPs/image / measured matmul ceiling of the dtype; FLOPs count matmul-like ops only (bench/flops.py)"),
+    )
+    print(f"device {meta['device']} ({device.type}) | threads {torch.get_num_threads()} | load {load0} | ceilings {ceil}")
+
+    diffpure_skip = None
+    try:
+        unet_call = flopmod.diffpure_unet_flops()
+    except ImportError as exc:  # diffusers missing on this machine: DiffPure rows say so
+        unet_call, diffpure_skip = None, f"DiffPure skipped: {exc}"
+        print(diffpure_skip)
+    fl_by_preset = {}
+    for p in presets:
+        fl_by_preset[p] = {"maep": flopmod.maep_flops(p), "mae_pure_step": flopmod.mae_pure_step_flops(p, 0.25),
+                           "maep_train_step": flopmod.maep_train_flops(p)}
+    meta["flops_per_image"] = {"diffpure_unet_call": unet_call, **{p: v for p, v in fl_by_preset.items()}}
+
+    B = Bench(args, device, ceil)
+    torch.manual_seed(0)
+    models = {p: create_mae(p).to(device).eval() for p in presets}
+    # order: the cheap, headline comparisons first (MAEP, DiffPure, training), MAE-Pure (the slowest) last,
+    # fewer steps before more; --time-limit-s skips what is left and still writes the results
+    unet = None
+    for dtype in dtypes:
+        dname = str(dtype).split(".")[-1]
+        for p in presets:
+            if "maep" in only:
+                print(f"-- MAEP {p} {dname}")
+                bench_maep(B, p, models[p], dtype, batches, fl_by_preset[p], use_compile)
+        if "diffpure" in only and diffpure_skip:
+            B.rows.append({"purifier": "DiffPure", "variant": "sde100", "preset": "ddpm_cifar10_unet", "dtype": dname,
+                           "skipped": diffpure_skip})
+        elif "diffpure" in only:
+            print(f"-- DiffPure {dname}")
+            if unet is None:
+                from maep_fast.baselines.diffpure import ddpm_cifar10_unet
+
+                unet = ddpm_cifar10_unet().to(device).eval()
+            bench_diffpure(B, unet, dtype, dp_batches, unet_call, timed_steps)
+        for p in presets:
+            if "train" in only:
+                print(f"-- MAEP training step {p} {dname}")
+                bench_train(B, p, models[p], dtype, train_batches, fl_by_preset[p])
+    del unet
+    if "mae_pure" in only:
+        for s in sorted(steps_list):
+            for dtype in dtypes:
+                for p in presets:
+                    print(f"-- MAE-Pure S{s} {p} {str(dtype).split('.')[-1]}")
+                    bench_mae_pure(B, p, models[p], dtype, mp_batches, fl_by_preset[p], [s])
+    meta["loadavg_end"] = os.getloadavg()
+    ceil_end = measure_ceilings(device, quick=q)
+    best_ceil = {k: max(v, ceil_end.get(k, v)) for k, v in ceil.items()}
+    meta.update(ceilings_start=ceil, ceilings_end=ceil_end, ceilings=best_ceil,
+                mfu_ceiling="the larger of the matmul ceilings measured at the start and at the end of the run")
+    B.finalize_mfu(best_ceil)
+    meta["wall_s"] = round(time.time() - t_start, 1)
+    lines = summarize(B.rows)
+    meta["summary"] = lines
+    name = args.name or f"purify_{device.type}"
+    if not B.rows:
+        raise SystemExit(f"nothing was benchmarked (--only {args.only!r})")
+    j, c = write_results(name, meta, B.rows)
+    png = RESULTS / f"{name}.png"
+    title = (f"{meta['device']} | torch {meta['torch']} | {meta['git_sha']} | load {load0[0]:.1f}->{meta['loadavg_end'][0]:.1f}"
+             if not gpu else f"{meta['device']} | torch {meta['torch']} | {meta['git_sha']}")
+    have_png = plot(B.rows, png, title)
+    print("\n== summary ==")
+    for line in lines:
+        print(line)
+    print(f"load average start {load0} end {meta['loadavg_end']}; wall {meta['wall_s']} s")
+    print(f"wrote {j}, {c}" + (f", {png}" if have_png else ""))
+
+
+if __name__ == "__main__":
+    main()
