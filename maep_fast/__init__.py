@@ -11,6 +11,7 @@ from maep_fast.attacks.pgd import pgd_attack
 from maep_fast.checkpoint import CheckpointError, load_model, save_model
 from maep_fast.models.classifiers import SmallCNN, WideResNet
 from maep_fast.models.mae import MaskedAutoencoderViT
+from maep_fast.models.mae_import import load_pretrained_mae, mae_from_checkpoint
 from maep_fast.models.presets import PRESETS, create_mae
 from maep_fast.purify.maep import PurifiedClassifier, Purifier
 
@@ -18,5 +19,5 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CheckpointError", "MaskedAutoencoderViT", "PRESETS", "PurifiedClassifier", "Purifier", "SmallCNN",
-    "WideResNet", "create_mae", "load_model", "native_available", "pgd_attack", "save_model", "__version__",
+    "WideResNet", "create_mae", "load_model", "load_pretrained_mae", "mae_from_checkpoint", "native_available", "pgd_attack", "save_model", "__version__",
 ]

@@ -44,12 +44,20 @@ def save_model(model: nn.Module, path: str | Path, meta: dict | None = None) -> 
 
     LoRA adapters must be merged and removed first (``models.remove_lora``), so
     the saved model is a plain MaskedAutoencoderViT.
+
+    In a multi-process (torchrun) run only rank 0 writes; the other ranks
+    check the model and return ``path`` without touching the disk (no
+    barrier here, so calling it on rank 0 alone is fine too).
     """
+    from maep_fast.train.distributed import is_main_process  # lazy: maep_fast.train imports this module
+
     kind, arch = _kind_and_arch(model)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    if any("lora_" in k for k in state):
+    if any("lora_" in k for k in model.state_dict()):
         raise ValueError("model still holds LoRA adapters; call maep_fast.models.remove_lora(model) before saving")
     path = Path(path)
+    if not is_main_process():
+        return path
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     path.mkdir(parents=True, exist_ok=True)
     cfg = {"format": FORMAT, "format_version": FORMAT_VERSION, "kind": kind, "arch": arch,
            "config": model.config, "meta": meta or {}}
@@ -130,4 +138,4 @@ def load_model(path: str | Path, expect_kind: str | None = None, map_location: s
         raise CheckpointError(f"{str(weights)!r} is not a readable safetensors file: {exc}") from None
     load_state_checked(model, state, str(weights))
     model.checkpoint_meta = cfg.get("meta", {})
-    return model.eval()
+    return model.to(map_location).eval()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -60,19 +61,31 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
+def rng_state() -> dict[str, torch.Tensor]:
+    """This process's RNG states: {"torch": cpu state, "cuda": current device's state (if CUDA)}."""
+    rng = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    return rng
+
+
 def save_training_state(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-                        scheduler, epoch: int, step: int, run_config: dict) -> None:
-    """Write a resumable snapshot (after ``epoch`` finished epochs)."""
+                        scheduler, epoch: int, step: int, run_config: dict,
+                        rng: dict[str, torch.Tensor] | None = None, world_size: int = 1) -> None:
+    """Write a resumable snapshot (after ``epoch`` finished epochs).
+
+    ``rng``: RNG states to store (default: this process's, ``rng_state()``);
+    a data-parallel run passes every rank's, rank r > 0 under
+    ``"torch.rank{r}"`` / ``"cuda.rank{r}"`` (rank 0 keeps the plain names).
+    """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(path / "model.safetensors"))
     opt_t, opt_meta = _flatten_optimizer(optimizer)
     save_file(opt_t, str(path / "optimizer.safetensors"))
-    rng = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state()
-    save_file(rng, str(path / "rng.safetensors"))
-    state = {"epoch": epoch, "step": step, "optimizer": opt_meta,
+    rng = rng_state() if rng is None else rng
+    save_file({k: v.detach().contiguous().cpu() for k, v in rng.items()}, str(path / "rng.safetensors"))
+    state = {"epoch": epoch, "step": step, "optimizer": opt_meta, "world_size": world_size,
              "scheduler": scheduler.state_dict() if scheduler is not None else None, "run_config": run_config}
     tmp = path / "state.json.tmp"
     tmp.write_text(json.dumps(state, default=str))
@@ -80,8 +93,15 @@ def save_training_state(path: str | Path, model: nn.Module, optimizer: torch.opt
 
 
 def load_training_state(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-                        scheduler, run_config: dict | None = None) -> tuple[int, int]:
-    """Restore a snapshot; returns (epoch, step). Raises CheckpointError when incomplete or mismatched."""
+                        scheduler, run_config: dict | None = None, rank: int = 0) -> tuple[int, int]:
+    """Restore a snapshot; returns (epoch, step). Raises CheckpointError when incomplete or mismatched.
+
+    Every rank of a data-parallel run loads the same weights and optimizer
+    state and its own RNG state (``rank``). When the snapshot was written by
+    fewer processes, a rank without a stored state derives a fresh stream
+    from rank 0's (with a warning: the run is no longer bit-for-bit the
+    uninterrupted one).
+    """
     path = Path(path)
     state_file = path / "state.json"
     if not state_file.is_file():
@@ -103,9 +123,17 @@ def load_training_state(path: str | Path, model: nn.Module, optimizer: torch.opt
     optimizer.load_state_dict(_unflatten_optimizer(opt_t, state["optimizer"]))
     if scheduler is not None and state.get("scheduler") is not None:
         scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(rng["torch"])
-    if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state(rng["cuda"])
+    suffix = "" if rank == 0 else f".rank{rank}"
+    if "torch" + suffix in rng:
+        torch.set_rng_state(rng["torch" + suffix])
+        if "cuda" + suffix in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda" + suffix])
+    else:
+        warnings.warn(f"training state in {str(path)!r} was written by {state.get('world_size', 1)} process(es) and "
+                      f"holds no RNG state for rank {rank}; that rank continues with a new random stream", stacklevel=2)
+        torch.set_rng_state(rng["torch"])
+        seed = int(torch.randint(0, 2**62, (1,)).item()) + rank
+        torch.manual_seed(seed)
     return int(state["epoch"]), int(state["step"])
 
 

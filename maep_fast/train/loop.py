@@ -5,6 +5,19 @@ resumable snapshots after each epoch, fixed seeds.
 yielding tuples of tensors; ``step_fn(*batch) -> (loss, {name: value})``
 computes one batch's loss. The loop owns the optimizer, schedule, progress
 and checkpoints.
+
+Data parallel: under ``torchrun --nproc_per_node=N`` (WORLD_SIZE > 1), or
+when a process group is already initialised, the same call trains on N
+processes. ``cfg.batch_size`` stays the *global* batch: every rank draws the
+same seeded global batch and keeps its contiguous 1/N slice (a
+DistributedSampler over one global permutation), so the batches, the
+schedule and - for a loss that is a per-sample mean - the gradients equal
+a single-process run's. The step function runs as the forward of a
+DistributedDataParallel module (``distributed.StepModule``), so its closures
+may keep calling the bare model; DDP averages the gradients during the
+backward pass. Only rank 0 shows progress and writes snapshots; every rank
+resumes from them. Epoch metrics are averaged over ranks. RNG streams are
+seeded ``seed + rank`` (different masks on every rank, as in MAE).
 """
 from __future__ import annotations
 
@@ -16,7 +29,15 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from maep_fast.train.common import autocast_for, load_training_state, save_training_state, set_seed, warmup_cosine
+from maep_fast.train import distributed as D
+from maep_fast.train.common import (
+    autocast_for,
+    load_training_state,
+    rng_state,
+    save_training_state,
+    set_seed,
+    warmup_cosine,
+)
 
 
 @dataclass
@@ -44,13 +65,27 @@ def fit(
     cfg: LoopConfig,
     run_config: dict | None = None,
 ) -> list[dict]:
-    """Train ``params`` of ``model`` on ``dataset``; returns per-epoch mean metrics."""
+    """Train ``params`` of ``model`` on ``dataset``; returns per-epoch mean metrics.
+
+    Single process or data parallel (see the module docstring); the call is
+    the same.
+    """
     if cfg.epochs < 0:
         raise ValueError(f"epochs must be >= 0, got {cfg.epochs}")
     if not params:
         raise ValueError("no trainable parameters")
-    set_seed(cfg.seed)
     device = next(model.parameters()).device
+    distributed = D.init_distributed(device)
+    rank, world = (D.rank(), D.world_size()) if distributed else (0, 1)
+    if distributed:
+        if cfg.batch_size % world:
+            raise ValueError(f"batch_size {cfg.batch_size} (the global batch) must be divisible by the "
+                             f"{world} processes; each process takes batch_size / {world}")
+        if len(dataset) < cfg.batch_size and len(dataset) % world:
+            raise ValueError(f"the data set holds {len(dataset)} samples, fewer than batch_size {cfg.batch_size}, "
+                             f"and they do not split evenly over {world} processes")
+    main = rank == 0
+    set_seed(cfg.seed + rank)
     drop_last = len(dataset) > cfg.batch_size
 
     def epoch_loader(epoch: int):  # a fresh, seeded shuffle per epoch, so a resumed run sees the same order
@@ -61,20 +96,36 @@ def fit(
     sched = warmup_cosine(opt, int(cfg.warmup_epochs * steps_per_epoch), cfg.epochs * steps_per_epoch)
     start_epoch, step = 0, 0
     run_config = dict(run_config or {})
-    if cfg.resume and cfg.state_dir and (Path(cfg.state_dir) / "state.json").is_file():
-        start_epoch, step = load_training_state(cfg.state_dir, model, opt, sched, run_config)
+    resume = bool(cfg.resume and cfg.state_dir and (Path(cfg.state_dir) / "state.json").is_file())
+    if distributed:  # every rank must take the same branch, or the collectives below would not pair up
+        flag = torch.tensor([float(resume)], device=_comm_device(device))
+        if float(D.all_reduce_min(flag)) != float(-D.all_reduce_min(-flag)):
+            raise RuntimeError(f"{cfg.state_dir!r} holds a snapshot on some ranks only; "
+                               "resuming a multi-process run needs a state_dir on a file system all ranks share")
+    if resume:
+        start_epoch, step = load_training_state(cfg.state_dir, model, opt, sched, run_config,
+                                                **({"rank": rank} if distributed else {}))
+    # the step runs as DDP's forward; in one process it is called directly
+    run_step = D.wrap_step(model, params, step_fn, device) if distributed else step_fn
     history = []
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
         sums: dict[str, float] = {}
         count = 0
-        bar = tqdm(epoch_loader(epoch), desc=f"{cfg.desc} {epoch + 1}/{cfg.epochs}", leave=False, disable=not cfg.progress)
+        bar = tqdm(epoch_loader(epoch), desc=f"{cfg.desc} {epoch + 1}/{cfg.epochs}", leave=False,
+                   disable=not (cfg.progress and main))
         for batch in bar:
+            if distributed:
+                batch = D.shard_batch(batch, rank, world)
             batch = [b.to(device, non_blocking=True) for b in batch]
             with autocast_for(device, cfg.amp):
-                loss, metrics = step_fn(*batch)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"{cfg.desc}: loss became {float(loss)} at epoch {epoch + 1}, step {step}")
+                loss, metrics = run_step(*batch)
+            finite = torch.isfinite(loss.detach()).float()
+            if distributed:
+                finite = D.all_reduce_min(finite)
+            if not bool(finite):
+                raise FloatingPointError(f"{cfg.desc}: loss became {float(loss)} at epoch {epoch + 1}, step {step}"
+                                         + (f" (rank {rank}: non-finite on at least one rank)" if distributed else ""))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip:
@@ -85,12 +136,40 @@ def fit(
             count += 1
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
-            bar.set_postfix({k: f"{v:.4f}" for k, v in metrics.items()})
+            if main:
+                bar.set_postfix({k: f"{v:.4f}" for k, v in metrics.items()})
         means = {k: v / max(count, 1) for k, v in sums.items()}
+        if distributed and means:  # average over ranks (equal batch sizes, so the global means)
+            keys = sorted(means)
+            avg = D.all_reduce_mean(torch.tensor([means[k] for k in keys], dtype=torch.float64, device=_comm_device(device)))
+            means = {k: float(v) for k, v in zip(keys, avg.cpu())}
         means["epoch"] = epoch + 1
         history.append(means)
         if cfg.state_dir:
-            save_training_state(cfg.state_dir, model, opt, sched, epoch + 1, step, run_config)
+            _save_snapshot(cfg, model, opt, sched, epoch + 1, step, run_config, distributed, device)
     model.eval()
     cfg.history.extend(history)
     return history
+
+
+def _comm_device(device: torch.device) -> torch.device:
+    """Where collectives' tensors live: the CUDA device for nccl, else the CPU."""
+    return device if device.type == "cuda" else torch.device("cpu")
+
+
+def _save_snapshot(cfg: LoopConfig, model, opt, sched, epoch: int, step: int, run_config: dict,
+                   distributed: bool, device: torch.device) -> None:
+    if not distributed:
+        save_training_state(cfg.state_dir, model, opt, sched, epoch, step, run_config)
+        return
+    # every rank's RNG state goes into the snapshot, so a resumed run continues each stream
+    local = rng_state()
+    rng = {}
+    for key in sorted(local):
+        states = D.gather_to_all(local[key].to(_comm_device(device)))
+        for r, st in enumerate(states):
+            rng[key if r == 0 else f"{key}.rank{r}"] = st.cpu()
+    if D.is_main_process():
+        save_training_state(cfg.state_dir, model, opt, sched, epoch, step, run_config,
+                            rng=rng, world_size=D.world_size())
+    D.barrier()  # nobody reads or resumes before rank 0 has written
