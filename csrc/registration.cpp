@@ -20,6 +20,33 @@ TORCH_LIBRARY(maep_fast, m) {
   m.def(
       "pgd_step_(Tensor(a!) x, Tensor grad, Tensor x0, Tensor step_size, Tensor eps, str norm, int direction, "
       "float clamp_min, float clamp_max) -> ()");
+
+  // Fused patchify + per-patch normalization + |pred - target|^p + mask
+  // weighting + reduction ('mean' | 'sum' | 'per_sample' | 'none'); output in
+  // pred's dtype: [] / [] / [N] / [N, L]. Differentiable (autograd registered
+  // in maep_fast/ops/_native_ops.py) w.r.t. pred and imgs through
+  // patch_recon_loss_backward -> (grad_pred, grad_imgs).
+  m.def(
+      "patch_recon_loss(Tensor pred, Tensor imgs, Tensor? mask, int patch_size, bool norm_pix, int p, "
+      "str reduction) -> Tensor");
+  m.def(
+      "patch_recon_loss_backward(Tensor grad_out, Tensor pred, Tensor imgs, Tensor? mask, int patch_size, "
+      "bool norm_pix, int p, str reduction) -> (Tensor, Tensor)");
+
+  // Attention over visible patches, q/k/v [B, H, L, D], keep bool [B, L] or None.
+  // masked_patch_attention is the public differentiable op (out only): CPU / CUDA
+  // kernels, and a C++ autograd Function at the Autograd key that runs
+  // masked_patch_attention_fwd -> (out, lse), saves lse (per-row logsumexp, fp32;
+  // fp64 for fp64 inputs; 0 for hidden query rows) and backpropagates through
+  // masked_patch_attention_bwd. _fwd is also differentiable on its own (autograd
+  // registered in maep_fast/ops/_native_ops.py).
+  m.def("masked_patch_attention(Tensor q, Tensor k, Tensor v, Tensor? keep, float scale) -> Tensor");
+  m.def(
+      "masked_patch_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? keep, float scale) -> "
+      "(Tensor out, Tensor lse)");
+  m.def(
+      "masked_patch_attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+      "Tensor? keep, float scale) -> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
 }
 
 namespace {

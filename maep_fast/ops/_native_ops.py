@@ -1,0 +1,130 @@
+"""Fake (meta) kernels and autograd of the native ops of ``maep_fast._C``.
+
+Registers, for the C++ ops defined in ``csrc/registration.cpp``:
+
+- ``maep_fast::patch_recon_loss`` / ``patch_recon_loss_backward``: fakes, and
+  autograd on ``patch_recon_loss`` (gradients to ``pred`` and ``imgs``; the
+  mask gets none) through ``patch_recon_loss_backward``.
+- ``maep_fast::masked_patch_attention`` (public, -> out): fake only; its
+  autograd is a C++ autograd Function (csrc/masked_patch_attention_cpu.cpp)
+  that saves the logsumexp of ``masked_patch_attention_fwd`` and calls
+  ``masked_patch_attention_bwd``, so it is differentiable as soon as
+  ``maep_fast._C`` is loaded (torch.compile needs the fakes registered here).
+- ``maep_fast::masked_patch_attention_fwd`` -> (out, lse) /
+  ``masked_patch_attention_bwd`` -> (dq, dk, dv): fakes, and autograd on
+  ``masked_patch_attention_fwd`` (the lse output gets no gradient).
+
+Importing this module is harmless without the native extension (nothing is
+registered). It is idempotent: a second import registers nothing again.
+"""
+from __future__ import annotations
+
+import torch
+
+from maep_fast._native import native_available
+
+_REGISTERED = False
+
+
+def _prl_out_shape(pred: torch.Tensor, reduction: str) -> tuple:
+    if reduction == "per_sample":
+        return (pred.shape[0],)
+    if reduction == "none":
+        return (pred.shape[0], pred.shape[1])
+    return ()
+
+
+def _register() -> None:
+    global _REGISTERED
+    if _REGISTERED:
+        return
+    _REGISTERED = True
+    lib = "maep_fast::"
+
+    # ------------------------------------------------------------------ patch_recon_loss
+    @torch.library.register_fake(lib + "patch_recon_loss")
+    def _prl_fake(pred, imgs, mask, patch_size, norm_pix, p, reduction):
+        return pred.new_empty(_prl_out_shape(pred, reduction))
+
+    @torch.library.register_fake(lib + "patch_recon_loss_backward")
+    def _prl_bwd_fake(grad_out, pred, imgs, mask, patch_size, norm_pix, p, reduction):
+        return torch.empty_like(pred), torch.empty_like(imgs)
+
+    def _prl_setup_context(ctx, inputs, output):
+        pred, imgs, mask, patch_size, norm_pix, p, reduction = inputs
+        ctx.save_for_backward(pred, imgs, mask)
+        ctx.args = (patch_size, norm_pix, p, reduction)
+
+    def _prl_backward(ctx, grad):
+        pred, imgs, mask = ctx.saved_tensors
+        patch_size, norm_pix, p, reduction = ctx.args
+        if not (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
+            return None, None, None, None, None, None, None
+        gp, gi = torch.ops.maep_fast.patch_recon_loss_backward(
+            grad.contiguous(), pred, imgs, mask, patch_size, norm_pix, p, reduction
+        )
+        return (
+            gp if ctx.needs_input_grad[0] else None,
+            gi if ctx.needs_input_grad[1] else None,
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
+
+    torch.library.register_autograd(lib + "patch_recon_loss", _prl_backward, setup_context=_prl_setup_context)
+
+    # ------------------------------------------------------------------ masked_patch_attention
+    @torch.library.register_fake(lib + "masked_patch_attention")
+    def _mpa_fake(q, k, v, keep, scale):
+        return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+    @torch.library.register_fake(lib + "masked_patch_attention_fwd")
+    def _mpa_fwd_fake(q, k, v, keep, scale):
+        stat = torch.float64 if q.dtype == torch.float64 else torch.float32
+        b, h, length, _ = q.shape
+        return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty((b, h, length), dtype=stat)
+
+    @torch.library.register_fake(lib + "masked_patch_attention_bwd")
+    def _mpa_bwd_fake(grad_out, q, k, v, out, lse, keep, scale):
+        return (
+            torch.empty_like(q, memory_format=torch.contiguous_format),
+            torch.empty_like(k, memory_format=torch.contiguous_format),
+            torch.empty_like(v, memory_format=torch.contiguous_format),
+        )
+
+    def _mpa_setup_context(ctx, inputs, output):
+        q, k, v, keep, scale = inputs
+        out, lse = output
+        ctx.save_for_backward(q, k, v, keep, out, lse)
+        ctx.scale = scale
+
+    def _mpa_backward(ctx, grad_out, grad_lse):
+        q, k, v, keep, out, lse = ctx.saved_tensors
+        if grad_out is None or not any(ctx.needs_input_grad[:3]):
+            return None, None, None, None, None
+        # lse is an auxiliary output for the backward: its gradient is not propagated.
+        dq, dk, dv = torch.ops.maep_fast.masked_patch_attention_bwd(
+            grad_out.contiguous(), q, k, v, out, lse, keep, ctx.scale
+        )
+        return (
+            dq if ctx.needs_input_grad[0] else None,
+            dk if ctx.needs_input_grad[1] else None,
+            dv if ctx.needs_input_grad[2] else None,
+            None,
+            None,
+        )
+
+    torch.library.register_autograd(
+        lib + "masked_patch_attention_fwd", _mpa_backward, setup_context=_mpa_setup_context
+    )
+
+
+def native_ops_registered() -> bool:
+    """True when the native ops are available and their fakes/autograd registered."""
+    return _REGISTERED
+
+
+if native_available() and hasattr(torch.ops.maep_fast, "patch_recon_loss"):
+    _register()
