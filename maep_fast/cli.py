@@ -127,14 +127,41 @@ def cmd_train(args) -> int:
     return 0
 
 
+def _add_mae_pure_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("MAE-Pure (test-time loss descent; defaults: published CIFAR-10 values, eta ours)")
+    g.add_argument("--mp-steps", type=int, default=150, help="iterations S (published 150)")
+    g.add_argument("--mp-step-size", type=_number, default=1 / 255, help="step lambda (published 1/255, halved after S/2)")
+    g.add_argument("--mp-no-halve", action="store_true", help="do not halve the step after S/2")
+    g.add_argument("--mp-eta", type=_number, default=8 / 255, help="L-inf clip radius (not published; our default 8/255)")
+    g.add_argument("--mp-mask-ratio", type=float, default=0.25, help="mask ratio (published 0.25 CIFAR-10, 0.20 ImageNet)")
+    g.add_argument("--mp-masks", type=int, default=1, help="random masks averaged per step (not published)")
+    g.add_argument("--mp-early-stop", type=float, default=None, help="per-sample tolerance on the loss change")
+    g.add_argument("--mp-seed", type=int, default=None, help="seed the masks (deterministic purifier); default random")
+
+
+def _mae_pure(model, args):
+    from maep_fast.purify.mae_pure import MAEPure
+
+    return MAEPure(model, steps=args.mp_steps, step_size=args.mp_step_size, halve_step=not args.mp_no_halve,
+                   eta=args.mp_eta, mask_ratio=args.mp_mask_ratio, n_masks=args.mp_masks, early_stop=args.mp_early_stop,
+                   seed=args.mp_seed, progress=args.command == "purify")
+
+
 def cmd_purify(args) -> int:
+    from maep_fast.checkpoint import load_model
     from maep_fast.data import load_images, save_images
     from maep_fast.purify.maep import Purifier
 
     device = _device(args.device)
-    purifier = Purifier.from_checkpoint(args.purifier, map_location=device, batch_size=args.batch_size)
+    if args.method == "mae-pure":
+        purifier = _mae_pure(load_model(args.purifier, expect_kind="mae", map_location=device), args)
+        purifier.batch_size = args.batch_size
+        image_size = args.image_size or purifier.model.img_size
+    else:
+        purifier = Purifier.from_checkpoint(args.purifier, map_location=device, batch_size=args.batch_size)
+        image_size = args.image_size
     paths = [Path(p) for p in args.inputs]
-    x = load_images(paths, channels=purifier.model.in_chans, image_size=args.image_size).to(device)
+    x = load_images(paths, channels=purifier.model.in_chans, image_size=image_size).to(device)
     y = purifier.purify(x)
     out = Path(args.out_dir)
     written = save_images(y.cpu(), [out / (p.stem + ".png") for p in paths])
@@ -149,10 +176,15 @@ def cmd_eval(args) -> int:
 
     device = _device(args.device)
     classifier = load_model(args.classifier, expect_kind="classifier", map_location=device)
-    purifier = Purifier.from_checkpoint(args.purifier, map_location=device) if args.purifier else None
+    if args.purifier and args.purifier_kind == "mae-pure":
+        purifier = _mae_pure(load_model(args.purifier, expect_kind="mae", map_location=device), args)
+    else:
+        purifier = Purifier.from_checkpoint(args.purifier, map_location=device) if args.purifier else None
     ds = _load_data(args)
     if args.n and args.n < len(ds):
         ds = ds.subset(args.n, seed=args.seed)
+    if args.threat_models or args.attack != "pgd" or args.purifier_kind != "maep" or args.eps_sweep:
+        return _eval_threat_models(args, classifier, purifier, ds)
     spec = AttackSpec(norm=args.norm, eps=args.eps, step_size=args.step_size or args.eps / 4, steps=args.steps, eot=args.eot)
     report = evaluate(classifier, purifier, ds.images, ds.labels, spec, seed=args.seed, progress=not args.no_progress)
     print(format_table(report["rows"], {"purifier": "MAEP"}))
@@ -161,6 +193,35 @@ def cmd_eval(args) -> int:
         Path(args.out).write_text(json.dumps({"rows": report["rows"], "attack": report["attack"],
                                               "classifier": args.classifier, "purifier": args.purifier,
                                               "data": args.data, "split": args.split}, indent=2))
+        print(f"wrote {args.out}")
+    return 0
+
+
+def _eval_threat_models(args, classifier, purifier, ds) -> int:
+    from maep_fast.evaluate import THREAT_MODELS, accuracy_vs_eps, evaluate_threat_models, format_table
+
+    tms = [t.strip() for t in args.threat_models.split(",") if t.strip()] if args.threat_models else list(THREAT_MODELS)
+    # --eot-adaptive wins; a non-default legacy --eot is honoured; else 20 for randomized purifiers, 1 otherwise
+    eot = args.eot_adaptive if args.eot_adaptive is not None else (args.eot if args.eot != 1 else None)
+    kw = dict(threat_models=tms, attack=args.attack, norm=args.norm, steps=args.steps, step_size=args.step_size,
+              eot=eot, version=args.aa_version, seed=args.seed, progress=not args.no_progress,
+              defense=args.purifier_kind, n_classes=getattr(ds, "num_classes", None))
+    if args.eps_sweep:
+        eps_list = [_number(e) for e in args.eps_sweep.split(",") if e.strip()]
+        plot = args.plot or (str(Path(args.out).with_suffix(".png")) if args.out else None)
+        report = accuracy_vs_eps(classifier, purifier, ds.images, ds.labels, eps_list, plot=plot, **kw)
+    else:
+        report = evaluate_threat_models(classifier, purifier, ds.images, ds.labels, eps=args.eps, **kw)
+    print(format_table(report["rows"]))
+    for c in report["sanity"]:
+        print(f"[sanity {'ok  ' if c['passed'] else 'FAIL'}] {c['check']}: {c['message']}")
+    if report.get("plot"):
+        print(f"wrote {report['plot']}")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({**report, "classifier": args.classifier, "purifier": args.purifier,
+                                              "purifier_kind": args.purifier_kind, "data": args.data,
+                                              "split": args.split}, indent=2, default=str))
         print(f"wrote {args.out}")
     return 0
 
@@ -213,6 +274,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int, default=None, help="resize inputs to this size first")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--device", default="auto")
+    p.add_argument("--method", default="maep", choices=["maep", "mae-pure"],
+                   help="maep: one forward pass of a MAEP checkpoint; mae-pure: test-time loss descent with any MAE")
+    _add_mae_pure_args(p)
     p.set_defaults(func=cmd_purify)
 
     p = sub.add_parser("eval", help="clean and robust accuracy under named threat models")
@@ -229,6 +293,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default=None, help="write the JSON report here")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--threat-models", default=None,
+                   help="comma list of oblivious,adaptive-full-gradient,bpda-eot (default: all three); "
+                        "selects the threat-model report with sanity checks")
+    p.add_argument("--attack", default="pgd", choices=["pgd", "autoattack", "apgd", "apgd-t"],
+                   help="pgd (ours), autoattack / apgd / apgd-t (torchattacks)")
+    p.add_argument("--aa-version", default="standard", choices=["standard", "rand"],
+                   help="AutoAttack version (rand: APGD-CE/DLR with EOT 20, for randomized defenses)")
+    p.add_argument("--eot-adaptive", type=int, default=None,
+                   help="EOT samples for adaptive/BPDA attacks (default 20 for randomized purifiers, else 1)")
+    p.add_argument("--purifier-kind", default="maep", choices=["maep", "mae-pure"],
+                   help="maep: MAEP single pass; mae-pure: MAE-Pure test-time descent with the --purifier MAE")
+    p.add_argument("--eps-sweep", default=None, help="comma list of eps (e.g. 2/255,4/255,8/255,16/255): accuracy vs eps")
+    p.add_argument("--plot", default=None, help="PNG for --eps-sweep (default: --out with .png)")
+    _add_mae_pure_args(p)
     p.set_defaults(func=cmd_eval)
     return ap
 

@@ -1,11 +1,27 @@
 """Robust-accuracy evaluation under named threat models.
 
 Every row of a report records: defense, threat_model, attack, norm, eps,
-steps, step_size, eot, n (samples), accuracy. Threat models:
+steps, step_size, eot, n (samples), seed, accuracy. Threat models:
 
 - ``none``:                 clean images, no attack.
-- ``oblivious``:            PGD on the bare classifier; the purifier is applied after.
-- ``adaptive-full-gradient``: PGD through purifier + classifier end to end.
+- ``oblivious``:            the attack sees the bare classifier; the purifier is applied after.
+- ``adaptive-full-gradient``: the attack differentiates through purifier + classifier
+                            end to end (with EOT for randomized purifiers such as MAE-Pure).
+- ``bpda-eot``:             straight-through (identity) gradient for the purifier, EOT-averaged.
+
+``evaluate`` (MAEP demo / CLI default) runs PGD under the first two adaptive
+settings; ``evaluate_threat_models`` adds the attack choice (our PGD,
+AutoAttack standard/rand, APGD-CE/T from torchattacks), ``bpda-eot`` and
+sanity checks; ``accuracy_vs_eps`` sweeps eps and plots.
+
+Sanity checks (from the adaptive-attack literature: Carlini et al. 2019,
+"On evaluating adversarial robustness"; Tramer et al. 2020), each reported as
+``{"check", "passed", "message"}`` in ``report["sanity"]``:
+
+- ``attack-lowers-accuracy``: no attacked row above the defense's clean row;
+- ``adaptive-le-oblivious``: adaptive (full gradient, BPDA) accuracy <= oblivious;
+- ``monotone-in-eps``: accuracy does not rise with eps;
+- ``undefended-reaches-zero``: the undefended classifier goes to ~0 at the largest eps of a sweep.
 """
 from __future__ import annotations
 
@@ -95,6 +111,7 @@ def evaluate(
             "step_size": attack.step_size if attacked else 0.0,
             "eot": (attack.eot if threat == "adaptive-full-gradient" else 1) if attacked else 0,
             "n": n,
+            "seed": seed,
             "accuracy": c / n,
         })
     ex = {k: torch.cat(v)[:keep_examples] for k, v in examples.items() if v}
@@ -113,3 +130,271 @@ def format_table(rows: list[dict], defense_names: dict[str, str] | None = None) 
             f"{eps:>8} {r['steps']:>5} {r['eot']:>3} {r['n']:>5} {100 * r['accuracy']:>8.2f}%"
         )
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------
+# Threat models x attacks, sanity checks, eps sweeps
+# --------------------------------------------------------------------------
+THREAT_MODELS = ("oblivious", "adaptive-full-gradient", "bpda-eot")
+ATTACKS = ("pgd", "autoattack", "apgd", "apgd-t")
+
+
+def _is_randomized(purifier: nn.Module | None) -> bool:
+    return bool(getattr(purifier, "randomized", False)) and getattr(purifier, "seed", None) is None
+
+
+@torch.no_grad()
+def _predict_purified(purifier: nn.Module, classifier: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """One (stochastic, for randomized purifiers) pass of the deployed defense."""
+    fn = getattr(purifier, "purify", None)
+    return classifier(fn(x) if callable(fn) else purifier(x)).argmax(1)
+
+
+def _attack_name(attack: str, steps: int, version: str) -> str:
+    if attack == "pgd":
+        return f"PGD-{steps}"
+    from maep_fast.attacks.torchattacks_adapter import attack_name
+
+    return attack_name(attack, version, steps)
+
+
+def _run(model, x, y, *, attack, norm, eps, step_size, steps, eot, version, n_queries, n_classes, seed, gen):
+    if attack == "pgd":
+        return pgd_attack(model, x, y, eps=eps, step_size=step_size, steps=steps, norm=norm, eot=eot, generator=gen)
+    from maep_fast.attacks.torchattacks_adapter import run_attack
+
+    return run_attack(model, x, y, attack, norm=norm, eps=eps, version=version, steps=steps, eot=eot,
+                      n_classes=n_classes, n_queries=n_queries, seed=seed)
+
+
+def evaluate_threat_models(
+    classifier: nn.Module,
+    purifier: nn.Module | None,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    threat_models: tuple[str, ...] | list[str] = THREAT_MODELS,
+    attack: str = "pgd",
+    norm: str = "linf",
+    eps: float = 8 / 255,
+    steps: int = 20,
+    step_size: float | None = None,
+    eot: int | None = None,
+    version: str = "standard",
+    n_queries: int = 5000,
+    n_classes: int | None = None,
+    seed: int = 0,
+    batch_size: int = 256,
+    defense: str = "purifier",
+    include_clean: bool = True,
+    include_undefended: bool = True,
+    sanity: bool = True,
+    progress: bool = False,
+) -> dict:
+    """Accuracy of ``classifier`` and ``classifier(purifier(.))`` under each threat model.
+
+    ``attack``: ``pgd`` (ours; step size default eps/4, random start), ``autoattack``
+    (``version`` standard or rand), ``apgd`` (APGD-CE), ``apgd-t``. ``eot``: gradient
+    samples for the adaptive / BPDA threat models; None = 20 for randomized purifiers
+    (``purifier.randomized`` and unseeded, e.g. MAE-Pure), 1 otherwise. The oblivious
+    attack targets the bare classifier (EOT 1); every prediction of a randomized
+    defense is one stochastic pass. Returns ``{"rows", "sanity", "settings"}``.
+    """
+    bad = [t for t in threat_models if t not in THREAT_MODELS]
+    if bad:
+        raise ValueError(f"unknown threat model(s) {bad}; choose from {THREAT_MODELS}")
+    if attack not in ATTACKS:
+        raise ValueError(f"attack must be one of {ATTACKS}, got {attack!r}")
+    if norm not in ("linf", "l2"):
+        raise ValueError(f"norm must be 'linf' or 'l2', got {norm!r}")
+    if purifier is None and any(t != "oblivious" for t in threat_models):
+        threat_models = [t for t in threat_models if t == "oblivious"] or ["oblivious"]
+    step_size = eps / 4 if step_size is None else step_size
+    device = next(classifier.parameters()).device
+    classifier.eval()
+    if purifier is not None:
+        purifier.eval()
+    randomized = _is_randomized(purifier)
+    eot_adaptive = eot if eot is not None else (20 if randomized else 1)
+    if n_classes is None:
+        with torch.no_grad():
+            n_classes = int(classifier(images[:1].to(device)).shape[1])
+    from maep_fast.attacks.bpda import bpda_model
+
+    models = {}
+    if purifier is not None:
+        models["adaptive-full-gradient"] = PurifiedClassifier(purifier, classifier).eval()
+        models["bpda-eot"] = bpda_model(purifier, classifier).eval()
+    gen = torch.Generator(device=device).manual_seed(seed)
+    kw = dict(attack=attack, norm=norm, eps=eps, step_size=step_size, steps=steps, version=version,
+              n_queries=n_queries, n_classes=n_classes, seed=seed, gen=gen)
+    correct: dict[tuple[str, str], int] = {}
+    eots: dict[tuple[str, str], int] = {}
+
+    def add(key, pred, y, e):
+        correct[key] = correct.get(key, 0) + int((pred == y).sum())
+        eots[key] = e
+
+    n = images.shape[0]
+    for k in tqdm(range(0, n, batch_size), desc="threat models", leave=False, disable=not progress):
+        x, y = images[k:k + batch_size].to(device), labels[k:k + batch_size].to(device)
+        if include_clean and include_undefended:
+            add(("none", "none"), _predict(classifier, x), y, 0)
+        if include_clean and purifier is not None:
+            add((defense, "none"), _predict_purified(purifier, classifier, x), y, 0)
+        need_obl = "oblivious" in threat_models or include_undefended
+        if need_obl:
+            x_obl = _run(classifier, x, y, eot=1, **kw)
+            if include_undefended:
+                add(("none", "oblivious"), _predict(classifier, x_obl), y, 1)
+            if purifier is not None and "oblivious" in threat_models:
+                add((defense, "oblivious"), _predict_purified(purifier, classifier, x_obl), y, 1)
+        for tm in threat_models:
+            if tm == "oblivious" or purifier is None:
+                continue
+            from maep_fast.attacks.torchattacks_adapter import effective_eot
+
+            e = eot_adaptive if attack == "pgd" else effective_eot(attack, version, eot if eot is not None else (eot_adaptive if randomized else None))
+            x_adv = _run(models[tm], x, y, eot=e, **kw)
+            add((defense, tm), _predict_purified(purifier, classifier, x_adv), y, e)
+    name = _attack_name(attack, steps, version)
+    rows = []
+    for (dname, tm), c in correct.items():
+        attacked = tm != "none"
+        rows.append({
+            "defense": dname, "threat_model": tm, "attack": name if attacked else "none",
+            "norm": norm if attacked else None, "eps": eps if attacked else 0.0,
+            "steps": steps if attacked else 0, "step_size": (step_size if attack == "pgd" else None) if attacked else 0.0,
+            "eot": eots[(dname, tm)], "n": n, "seed": seed, "accuracy": c / n,
+            **({"version": version} if attack == "autoattack" and attacked else {}),
+            **({"randomized_defense": randomized} if dname == defense else {}),
+        })
+    settings = dict(threat_models=list(threat_models), attack=attack, norm=norm, eps=eps, steps=steps,
+                    step_size=step_size, eot_adaptive=eot_adaptive, version=version, seed=seed, n=n,
+                    randomized_defense=randomized,
+                    purifier=getattr(purifier, "config", None) if purifier is not None else None)
+    return {"rows": rows, "sanity": sanity_checks(rows) if sanity else [], "settings": settings}
+
+
+def sanity_checks(rows: list[dict], tol: float = 0.02, zero_threshold: float = 0.1) -> list[dict]:
+    """Literature sanity checks on report rows; each -> {"check", "passed", "message", ...}.
+
+    ``tol`` absorbs sampling noise (randomized defenses, small n).
+    """
+    out: list[dict] = []
+
+    def key(r):
+        return (r["defense"], r["norm"], round(float(r["eps"]), 8))
+
+    clean = {r["defense"]: r["accuracy"] for r in rows if r["threat_model"] == "none"}
+    # 1. attacks never raise accuracy above the clean accuracy
+    for r in rows:
+        if r["threat_model"] == "none" or r["defense"] not in clean:
+            continue
+        ok = r["accuracy"] <= clean[r["defense"]] + tol
+        out.append({"check": "attack-lowers-accuracy", "passed": ok, "defense": r["defense"],
+                    "threat_model": r["threat_model"], "eps": r["eps"],
+                    "message": f"{r['defense']} / {r['threat_model']} at eps {r['eps']:.4g}: attacked "
+                               f"{100 * r['accuracy']:.1f}% vs clean {100 * clean[r['defense']]:.1f}%"
+                               + ("" if ok else " -- the attack RAISES accuracy: broken attack or evaluation")})
+    # 2. adaptive <= oblivious (same defense, norm, eps)
+    obl = {key(r): r for r in rows if r["threat_model"] == "oblivious" and r["defense"] != "none"}
+    for r in rows:
+        if r["threat_model"] not in ("adaptive-full-gradient", "bpda-eot") or key(r) not in obl:
+            continue
+        o = obl[key(r)]
+        ok = r["accuracy"] <= o["accuracy"] + tol
+        out.append({"check": "adaptive-le-oblivious", "passed": ok, "defense": r["defense"],
+                    "threat_model": r["threat_model"], "eps": r["eps"],
+                    "message": f"{r['defense']}: {r['threat_model']} {100 * r['accuracy']:.1f}% vs oblivious "
+                               f"{100 * o['accuracy']:.1f}% at eps {r['eps']:.4g}"
+                               + ("" if ok else " -- an adaptive attacker knows strictly more; a higher accuracy "
+                                                "means the adaptive attack is too weak (gradient masking, too few "
+                                                "steps or EOT samples)")})
+    # 3. monotone in eps, 4. undefended reaches ~0 at the largest eps (sweeps only)
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        if r["threat_model"] != "none":
+            groups.setdefault((r["defense"], r["threat_model"], r["attack"], r["norm"]), []).append(r)
+    for (dname, tm, atk, nm), rs in groups.items():
+        rs = sorted(rs, key=lambda r: r["eps"])
+        if len({round(float(r["eps"]), 8) for r in rs}) < 2:
+            continue
+        bad = [(a, b) for a, b in zip(rs, rs[1:]) if b["eps"] > a["eps"] and b["accuracy"] > a["accuracy"] + tol]
+        msg = f"{dname} / {tm} / {atk}: accuracy over eps " + ", ".join(
+            f"{r['eps']:.4g}->{100 * r['accuracy']:.1f}%" for r in rs)
+        if bad:
+            msg += " -- accuracy RISES with eps (broken attack, too few steps or gradient masking)"
+        out.append({"check": "monotone-in-eps", "passed": not bad, "defense": dname, "threat_model": tm, "message": msg})
+        if dname == "none":
+            last = rs[-1]
+            ok = last["accuracy"] <= zero_threshold
+            out.append({"check": "undefended-reaches-zero", "passed": ok, "defense": dname, "threat_model": tm,
+                        "eps": last["eps"],
+                        "message": f"undefended classifier at the largest eps {last['eps']:.4g}: "
+                                   f"{100 * last['accuracy']:.1f}% (threshold {100 * zero_threshold:.0f}%)"
+                                   + ("" if ok else " -- the attack cannot even break an undefended model: "
+                                                    "it is broken or too weak")})
+    return out
+
+
+def accuracy_vs_eps(
+    classifier: nn.Module,
+    purifier: nn.Module | None,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    eps_list: list[float],
+    *,
+    plot: str | None = None,
+    sanity_tol: float = 0.02,
+    zero_threshold: float = 0.1,
+    **kwargs,
+) -> dict:
+    """``evaluate_threat_models`` at each eps (clean rows once); sanity checks over the
+    whole sweep; optional PNG plot of accuracy vs eps per (defense, threat model)."""
+    if not eps_list:
+        raise ValueError("eps_list must not be empty")
+    rows: list[dict] = []
+    for i, e in enumerate(sorted(eps_list)):
+        rep = evaluate_threat_models(classifier, purifier, images, labels, eps=e, include_clean=(i == 0),
+                                     sanity=False, **kwargs)
+        rows.extend(rep["rows"])
+    report = {"rows": rows, "sanity": sanity_checks(rows, tol=sanity_tol, zero_threshold=zero_threshold),
+              "settings": {**rep["settings"], "eps": sorted(eps_list)}}
+    if plot:
+        save_accuracy_vs_eps_plot(rows, plot)
+        report["plot"] = str(plot)
+    return report
+
+
+def save_accuracy_vs_eps_plot(rows: list[dict], path, title: str | None = None) -> None:
+    """Line plot of accuracy vs eps (x in units of 1/255 for L-inf), one line per (defense, threat model)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from pathlib import Path
+
+    clean = {r["defense"]: r["accuracy"] for r in rows if r["threat_model"] == "none"}
+    groups: dict[tuple, list] = {}
+    for r in rows:
+        if r["threat_model"] != "none":
+            groups.setdefault((r["defense"], r["threat_model"], r["attack"]), []).append(r)
+    linf = any(r["norm"] == "linf" for r in rows if r["norm"])
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for (d, tm, atk), rs in sorted(groups.items()):
+        rs = sorted(rs, key=lambda r: r["eps"])
+        xs = [0.0] + [r["eps"] * (255 if linf else 1) for r in rs]
+        ys = [100 * clean.get(d, float("nan"))] + [100 * r["accuracy"] for r in rs]
+        ax.plot(xs, ys, marker="o", label=f"{d} / {tm} ({atk}, EOT {rs[0]['eot']})")
+    ax.set_xlabel("eps (x 1/255, L-inf)" if linf else "eps (L2)")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(-2, 102)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    n = rows[0]["n"] if rows else 0
+    ax.set_title(title or f"accuracy vs eps (n = {n})")
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

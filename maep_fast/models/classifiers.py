@@ -86,3 +86,13 @@ class WideResNet(nn.Module):
 
 
 CLASSIFIERS = {"SmallCNN": SmallCNN, "WideResNet": WideResNet}
+
+
+def _register_vit_classifier() -> None:
+    # imported here (not at the top) so vit_classifier never sees a half-built maep_fast.models
+    from maep_fast.models.vit_classifier import ViTClassifier
+
+    CLASSIFIERS["ViTClassifier"] = ViTClassifier
+
+
+_register_vit_classifier()

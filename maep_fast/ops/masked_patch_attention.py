@@ -160,16 +160,6 @@ def masked_patch_attention(q, k, v, keep=None, *, scale=None, backend="auto"):
         if explicit:
             raise exc(why)
         chosen = "cuda" if not unavailable_reason(OP, "cuda", q.device) else "torch"
-    if chosen in ("cpp", "cuda"):
-        try:
-            import maep_fast.ops._native_ops  # noqa: F401  (registers the native op's autograd)
-        except ImportError as err:
-            if explicit:
-                raise RuntimeError(
-                    f"backend={chosen!r} was requested for {OP} but maep_fast.ops._native_ops "
-                    f"(its autograd registration) cannot be imported: {err}"
-                ) from err
-            chosen = "torch"
-        else:
-            return torch.ops.maep_fast.masked_patch_attention(q, k, v, keep, scale_f)
+    if chosen in ("cpp", "cuda"):  # autograd registered in C++ (fakes in ops/_native_ops.py, imported by ops/)
+        return torch.ops.maep_fast.masked_patch_attention(q, k, v, keep, scale_f)
     return masked_patch_attention_reference(q, k, v, keep, scale)

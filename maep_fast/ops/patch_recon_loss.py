@@ -37,7 +37,6 @@ The mask is not differentiated (it is data: which patches are counted).
 """
 from __future__ import annotations
 
-import importlib
 from typing import Optional
 
 import torch
@@ -141,7 +140,7 @@ def patch_recon_loss(
     if be == "triton":
         return _patch_recon_loss_triton(pred, imgs, mask, patch_size, bool(norm_pix), int(p), reduction)
     if be in ("cpp", "cuda"):
-        importlib.import_module("maep_fast.ops._native_ops")  # registers the native op's autograd and fake
+        # autograd and fake kernel registered by maep_fast/ops/_native_ops.py (imported with maep_fast.ops)
         dt = torch.promote_types(pred.dtype, imgs.dtype)  # e.g. bf16 pred under autocast, fp32 images
         return torch.ops.maep_fast.patch_recon_loss(pred.to(dt), imgs.to(dt), mask, patch_size, bool(norm_pix), int(p),
                                                     reduction)
