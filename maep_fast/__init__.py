@@ -13,11 +13,12 @@ from maep_fast.models.classifiers import SmallCNN, WideResNet
 from maep_fast.models.mae import MaskedAutoencoderViT
 from maep_fast.models.mae_import import load_pretrained_mae, mae_from_checkpoint
 from maep_fast.models.presets import PRESETS, create_mae
+from maep_fast.purify.mae_pure import MAEPure
 from maep_fast.purify.maep import PurifiedClassifier, Purifier
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "CheckpointError", "MaskedAutoencoderViT", "PRESETS", "PurifiedClassifier", "Purifier", "SmallCNN",
+    "CheckpointError", "MAEPure", "MaskedAutoencoderViT", "PRESETS", "PurifiedClassifier", "Purifier", "SmallCNN",
     "WideResNet", "create_mae", "load_model", "load_pretrained_mae", "mae_from_checkpoint", "native_available", "pgd_attack", "save_model", "__version__",
 ]
