@@ -18,6 +18,7 @@
 // that gcc vectorizes; on x86-64 they are cloned for x86-64-v3 (AVX2) and
 // the baseline, picked at load time (target_clones).
 #include "pgd_step.h"
+#include "native_cpu_utils.h"  // MAEP_CLONES, MAEP_INLINE
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -31,18 +32,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && !defined(MAEP_FAST_NO_CLONES)
-#define MAEP_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
-#else
-#define MAEP_CLONES
-#endif
-
-#if defined(__GNUC__)
-#define MAEP_INLINE inline __attribute__((always_inline))
-#else
-#define MAEP_INLINE inline
-#endif
 
 namespace maep_fast {
 namespace {

@@ -88,6 +88,27 @@ def _safe_denom(denom: torch.Tensor) -> torch.Tensor:
     return torch.where(denom > 0, denom, torch.ones_like(denom))
 
 
+def _reduce(err: torch.Tensor, m: torch.Tensor | None, reduction: str) -> torch.Tensor:
+    """The reference's reduction on the (already mask-weighted) [N, L] error."""
+    if m is None:
+        if reduction == "mean":
+            return err.mean()
+        if reduction == "sum":
+            return err.sum()
+        if reduction == "per_sample":
+            return err.mean(dim=1)
+        return err
+    if reduction == "none":
+        return err
+    if reduction == "sum":
+        return err.sum()
+    if reduction == "per_sample":
+        denom = m.sum(dim=1)
+        return torch.where(denom > 0, err.sum(dim=1) / _safe_denom(denom), torch.zeros_like(denom))
+    denom = m.sum()
+    return torch.where(denom > 0, err.sum() / _safe_denom(denom), torch.zeros_like(denom))
+
+
 def patch_recon_loss_reference(
     pred: torch.Tensor,
     imgs: torch.Tensor,
@@ -102,25 +123,8 @@ def patch_recon_loss_reference(
         target = normalize_patches(target)
     diff = pred - target
     err = (diff * diff if p == 2 else diff.abs()).mean(dim=-1)  # [N, L]
-    if mask is None:
-        if reduction == "mean":
-            return err.mean()
-        if reduction == "sum":
-            return err.sum()
-        if reduction == "per_sample":
-            return err.mean(dim=1)
-        return err
-    m = mask.to(err.dtype)
-    weighted = err * m
-    if reduction == "none":
-        return weighted
-    if reduction == "sum":
-        return weighted.sum()
-    if reduction == "per_sample":
-        denom = m.sum(dim=1)
-        return torch.where(denom > 0, weighted.sum(dim=1) / _safe_denom(denom), torch.zeros_like(denom))
-    denom = m.sum()
-    return torch.where(denom > 0, weighted.sum() / _safe_denom(denom), torch.zeros_like(denom))
+    m = None if mask is None else mask.to(err.dtype)
+    return _reduce(err if m is None else err * m, m, reduction)
 
 
 def patch_recon_loss(
@@ -202,27 +206,6 @@ def _prl_backward(ctx, grad_err):
 
 
 _prl_triton_fwd.register_autograd(_prl_backward, setup_context=_prl_setup_context)
-
-
-def _reduce(err: torch.Tensor, m: torch.Tensor | None, reduction: str) -> torch.Tensor:
-    """The reference's reduction on the (already mask-weighted) [N, L] error."""
-    if m is None:
-        if reduction == "mean":
-            return err.mean()
-        if reduction == "sum":
-            return err.sum()
-        if reduction == "per_sample":
-            return err.mean(dim=1)
-        return err
-    if reduction == "none":
-        return err
-    if reduction == "sum":
-        return err.sum()
-    if reduction == "per_sample":
-        denom = m.sum(dim=1)
-        return torch.where(denom > 0, err.sum(dim=1) / _safe_denom(denom), torch.zeros_like(denom))
-    denom = m.sum()
-    return torch.where(denom > 0, err.sum() / _safe_denom(denom), torch.zeros_like(denom))
 
 
 def _patch_recon_loss_triton(pred, imgs, mask, patch_size, norm_pix, p, reduction):
