@@ -97,3 +97,20 @@ def test_mixed_dtypes_under_autocast_on_every_available_backend():
         torch.testing.assert_close(out.float(), ref.float(), rtol=2e-2, atol=1e-3)
         assert imgs.grad is not None and pred.grad.dtype == torch.bfloat16
         imgs.grad = pred.grad = None
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_pgd_step_cuda_backend_reaches_the_native_op(monkeypatch, inplace):
+    """backend 'cuda' must call the native op (the dispatcher picks its CUDA kernel), never the reference."""
+    import importlib
+
+    mod = importlib.import_module("maep_fast.ops.pgd_step")  # the module (maep_fast.ops re-exports a function of that name)
+
+    calls = []
+    monkeypatch.setattr(mod, "resolve_backend", lambda op, backend, device: "cuda")
+    monkeypatch.setattr(mod, "_native_op", lambda name: (lambda x, *a: calls.append(name) or x.clone()))
+    monkeypatch.setattr(mod, "pgd_step_reference", lambda *a: pytest.fail("reference used for backend='cuda'"))
+    x = torch.rand(2, 3)
+    fn = mod.pgd_step_ if inplace else mod.pgd_step
+    fn(x, torch.randn(2, 3), x.clone(), 0.1, 0.2, backend="cuda")
+    assert calls == (["pgd_step_"] if inplace else ["pgd_step"])

@@ -143,7 +143,7 @@ def pgd_step(
     """Out-of-place fused PGD step; returns a new tensor shaped like ``x``."""
     step, eps_t, lo, hi = _validate(x, grad, x0, step_size, eps, norm, direction, clamp)
     be = resolve_backend("pgd_step", backend, x.device)
-    if be == "cpp":
+    if be in ("cpp", "cuda"):  # one native op; the dispatcher picks the CPU or CUDA kernel
         return _native_op("pgd_step")(
             x.contiguous(), grad.contiguous(), x0.contiguous(), step, eps_t, norm, direction, lo, hi
         )
@@ -169,13 +169,31 @@ def pgd_step_(
     """In-place variant for loops: updates and returns ``x``."""
     step, eps_t, lo, hi = _validate(x, grad, x0, step_size, eps, norm, direction, clamp)
     be = resolve_backend("pgd_step", backend, x.device)
-    if be == "cpp" and x.is_contiguous():
+    return _pgd_step_inplace_validated(x, grad, x0, step, eps_t, norm, direction, lo, hi, be)
+
+
+def _pgd_step_inplace_validated(
+    x: torch.Tensor,
+    grad: torch.Tensor,
+    x0: torch.Tensor,
+    step: torch.Tensor,
+    eps_t: torch.Tensor,
+    norm: str,
+    direction: int,
+    lo: float,
+    hi: float,
+    be: str,
+) -> torch.Tensor:
+    """``pgd_step_`` after validation: ``step``/``eps_t`` are [B] tensors in the compute dtype
+    (fp32, fp64 for fp64 ``x``) on ``x``'s device, ``be`` a resolved backend. No host sync, so
+    it can be captured in a CUDA graph (``MAEPure(cuda_graph=True)`` validates once, outside)."""
+    if be in ("cpp", "cuda") and x.is_contiguous():
         _native_op("pgd_step_")(x, grad.contiguous(), x0.contiguous(), step, eps_t, norm, direction, lo, hi)
         return x
     if be == "triton" and x.is_contiguous():
         torch.ops.maep_fast.pgd_step_triton_(x, grad.contiguous(), x0.contiguous(), step, eps_t, norm, direction, lo, hi)
         return x
-    if be == "cpp":
+    if be in ("cpp", "cuda"):
         out = _native_op("pgd_step")(
             x.contiguous(), grad.contiguous(), x0.contiguous(), step, eps_t, norm, direction, lo, hi
         )

@@ -41,6 +41,28 @@ the outer graph, which gives *the same* gradient as differentiating the inner
 gradient with ``create_graph=True`` (``exact_graph=True``, S times more
 expensive: it builds the double-backward graph just to multiply it by zero).
 Both are provided; a test checks they agree.
+
+CUDA graphs (``cuda_graph=True``). On a GPU the whole purification step --
+MAE forward on the masked batch, per-sample reconstruction loss,
+``torch.autograd.grad`` w.r.t. the image and the in-place fused
+``pgd_step_`` (``direction=-1``) -- is captured once in a CUDA graph and
+replayed S times per chunk, which removes the per-step Python and launch
+overhead. Only the no-grad ``purify`` path uses it (``forward`` on an input
+that requires grad always runs eagerly). The mask noise is *not* drawn inside
+the graph: before every replay one ``torch.rand`` of the eager path's shape is
+drawn outside it (from the seeded generator, or the global CUDA RNG when
+``seed=None``) and copied into a static buffer, so the RNG stream, and hence
+the result, is the eager path's for the same seed / RNG state. The per-sample
+step size lives in a static tensor refilled before a replay when it changes
+(halving after S/2); eta is refilled once per call. Graphs are cached per
+chunk shape (batch, C, H, W, compute dtype, device, plus the settings baked
+into them), so a ragged last chunk gets its own graph (no padding: padding
+would change the shape of the noise draws and break equality with the eager
+path). ``reset_cuda_graphs()`` frees them. Not supported: early stop (the
+active set shrinks; ``ValueError``), CPU tensors (``ValueError``, never a
+silent fallback), a model in training mode (``ValueError``). During warm-up
+and capture the MAE's parameters are set to ``requires_grad=False`` (their
+gradients are not part of the step) and restored afterwards.
 """
 from __future__ import annotations
 
@@ -53,11 +75,20 @@ from tqdm.auto import tqdm
 from maep_fast._checks import check_tensor
 from maep_fast.models.mae import MaskedAutoencoderViT
 from maep_fast.ops.patch_recon_loss import patch_recon_loss
-from maep_fast.ops.pgd_step import pgd_step, pgd_step_
+from maep_fast.ops._dispatch import resolve_backend
+from maep_fast.ops.pgd_step import _pgd_step_inplace_validated, pgd_step, pgd_step_
 
 
 class MAEPure(nn.Module):
-    """x [N, C, H, W] in [0, 1] -> purified x, ||x' - x||_inf <= eta, x' in [0, 1]."""
+    """x [N, C, H, W] in [0, 1] -> purified x, ||x' - x||_inf <= eta, x' in [0, 1].
+
+    ``cuda_graph`` (default False): for CUDA inputs, ``purify`` captures one
+    purification step (forward, loss, input gradient, fused PGD step) in a CUDA
+    graph per chunk shape and replays it ``steps`` times; same result as the
+    eager path for the same seed (noise is drawn outside the graph, in the
+    eager order, and copied in). Incompatible with ``early_stop`` (ValueError);
+    CPU inputs raise ValueError. See the module docstring.
+    """
 
     randomized = True  # fresh masks per call (unless seeded): evaluate adaptive attacks with EOT
 
@@ -77,6 +108,7 @@ class MAEPure(nn.Module):
         batch_size: int = 256,
         exact_graph: bool = False,
         fused: bool = True,
+        cuda_graph: bool = False,
     ):
         super().__init__()
         if not fused:  # the pure-PyTorch reference path for every op
@@ -98,10 +130,17 @@ class MAEPure(nn.Module):
             raise ValueError(f"early_stop must be None or a tolerance >= 0, got {early_stop!r}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if not isinstance(cuda_graph, bool):
+            raise TypeError(f"cuda_graph must be a bool, got {type(cuda_graph).__name__}")
+        if cuda_graph and early_stop is not None:
+            raise ValueError("cuda_graph=True does not support early_stop (the captured step runs every sample "
+                             "for all steps); use early_stop=None or cuda_graph=False")
         self.model = model.set_backend(backend).eval()  # attention and loss follow the same backend
         self.steps, self.step_size, self.halve_step, self.eta = steps, float(step_size), halve_step, float(eta)
         self.mask_ratio, self.n_masks, self.early_stop, self.seed = float(mask_ratio), n_masks, early_stop, seed
         self.backend, self.progress, self.batch_size, self.exact_graph = backend, progress, batch_size, exact_graph
+        self.cuda_graph = cuda_graph
+        self._graphs: dict = {}  # chunk key -> _StepGraph (cuda_graph=True)
         self.last_steps_run: torch.Tensor | None = None  # per-sample number of steps taken by the last call
 
     def extra_repr(self) -> str:
@@ -126,10 +165,18 @@ class MAEPure(nn.Module):
     def recon_loss(self, x: torch.Tensor, generator: torch.Generator | None = None,
                    loss_backend: str | None = None) -> torch.Tensor:
         """Per-sample masked reconstruction loss [N], mean over ``n_masks`` random masks (one batched forward)."""
+        noise = self._draw_noise(x.shape[0], generator, x.device)
+        return self._recon_loss_noise(x, noise, loss_backend)
+
+    def _draw_noise(self, n: int, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+        """The masking noise of one step for a chunk of n samples: [n * n_masks, L]."""
+        return torch.rand(n * self.n_masks, self.model.patch_embed.num_patches, generator=generator, device=device)
+
+    def _recon_loss_noise(self, x: torch.Tensor, noise: torch.Tensor, loss_backend: str | None = None) -> torch.Tensor:
+        """``recon_loss`` with given masking noise [N * n_masks, L] (no host sync: CUDA-graph capturable)."""
         m = self.model
         n = x.shape[0]
         xr = x.repeat(self.n_masks, 1, 1, 1) if self.n_masks > 1 else x
-        noise = torch.rand(xr.shape[0], m.patch_embed.num_patches, generator=generator, device=x.device)
         latent, mask, ids_restore = m.forward_encoder(xr, self.mask_ratio, noise)
         pred = m.forward_decoder(latent, ids_restore)
         per = patch_recon_loss(pred, xr, mask, patch_size=m.patch_size, norm_pix=m.norm_pix_loss, p=2,
@@ -149,10 +196,19 @@ class MAEPure(nn.Module):
     def purify(self, x: torch.Tensor) -> torch.Tensor:
         """Purify without building a graph (chunks of ``batch_size``)."""
         self._check(x)
+        if self.cuda_graph:
+            if self.early_stop is not None:
+                raise ValueError("cuda_graph=True does not support early_stop; set early_stop=None or cuda_graph=False")
+            if x.device.type != "cuda":
+                raise ValueError(f"cuda_graph=True needs CUDA tensors, got x on {x.device}; "
+                                 "use cuda_graph=False on the CPU")
+            if self.model.training:
+                raise ValueError("cuda_graph=True needs the MAE in eval mode (call .eval())")
+        chunk = self._purify_chunk_graph if self.cuda_graph else self._purify_chunk
         gen = self._generator(x.device)
         outs, counts = [], []
         for k in range(0, x.shape[0], self.batch_size):
-            o, c = self._purify_chunk(x[k:k + self.batch_size], gen)
+            o, c = chunk(x[k:k + self.batch_size], gen)
             outs.append(o)
             counts.append(c)
         self.last_steps_run = torch.cat(counts)
@@ -190,6 +246,55 @@ class MAEPure(nn.Module):
                         break
                 prev = cur
         return xs.to(x.dtype), steps_run
+
+    # ------------------------------------------------------- CUDA-graph path
+    def reset_cuda_graphs(self) -> None:
+        """Drop the cached CUDA graphs and their static buffers / memory pools."""
+        self._graphs.clear()
+
+    def _graph_key(self, x0: torch.Tensor) -> tuple:
+        m = self.model
+        blocks = list(m.blocks) + list(m.decoder_blocks)
+        return (tuple(x0.shape), x0.dtype, x0.device, self.n_masks, self.mask_ratio, self.backend, m.ops_backend,
+                m.norm_pix_loss, tuple((b.attn.fused_attn, b.attn.backend, b.attn.keep_attn) for b in blocks),
+                tuple(p.data_ptr() for p in m.parameters()), tuple(b.data_ptr() for b in m.buffers()))
+
+    def _step_graph(self, x0: torch.Tensor, capture: bool = True) -> "_StepGraph":
+        key = self._graph_key(x0)
+        sg = self._graphs.get(key) if capture else None
+        if sg is None:
+            sg = _StepGraph(self, x0, capture)
+            if capture:
+                self._graphs[key] = sg
+        return sg
+
+    def _purify_chunk_graph(self, x: torch.Tensor, gen, capture: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """``_purify_chunk`` (no early stop) by replays of one captured step. ``capture=False`` runs the
+        same static-buffer code eagerly (any device; a CPU test of the bookkeeping)."""
+        for name, v in (("step_size", self.step_size), ("eta", self.eta)):  # pgd_step_'s checks, done once
+            if not math.isfinite(v) or v < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+        x0 = x.detach().float() if x.dtype != torch.float64 else x.detach()
+        n = x0.shape[0]
+        steps_run = torch.full((n,), self.steps, dtype=torch.int64, device=x.device)
+        if self.steps == 0:
+            return x0.clone().to(x.dtype), steps_run
+        sg = self._step_graph(x0, capture)
+        sg.x.copy_(x0)
+        sg.x0.copy_(x0)
+        sg.eps.fill_(self.eta)
+        cur = None
+        bar = tqdm(range(self.steps), desc="MAE-Pure (graph)", leave=False, disable=not self.progress)
+        for s in bar:
+            lam = self.step_size_at(s)
+            if lam != cur:
+                sg.step.fill_(lam)
+                cur = lam
+            sg.noise.copy_(self._draw_noise(n, gen, x.device))  # the eager path's draw, in its order
+            sg.run()
+            if self.progress:
+                bar.set_postfix(loss=f"{float(sg.loss.mean()):.4f}")
+        return sg.x.clone().to(x.dtype), steps_run
 
     # --------------------------------------------------------- differentiable
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -242,6 +347,67 @@ class MAEPure(nn.Module):
                 prev = torch.where(frozen, prev if prev is not None else cur, cur)
         self.last_steps_run = steps_run
         return xs
+
+
+class _StepGraph:
+    """Static buffers of one chunk shape and one purification step on them, captured in a CUDA graph.
+
+    Buffers: ``x`` (iterate, updated in place), ``x0`` (clean input), ``noise`` [N * n_masks, L],
+    ``step`` / ``eps`` [N] (compute dtype), ``loss`` [N] (output of the last run).
+    """
+
+    def __init__(self, pur: MAEPure, x0: torch.Tensor, capture: bool):
+        dev, cdtype = x0.device, x0.dtype
+        n = x0.shape[0]
+        length = pur.model.patch_embed.num_patches
+        self.pur = pur
+        self.x = torch.full_like(x0, 0.5, memory_format=torch.contiguous_format)
+        self.x0 = torch.full_like(x0, 0.5, memory_format=torch.contiguous_format)
+        # placeholder noise for the warm-up; deterministic, so building a graph never consumes RNG state
+        self.noise = torch.linspace(0, 1, n * pur.n_masks * length, device=dev).view(n * pur.n_masks, length)
+        self.step = torch.full((n,), pur.step_size, dtype=cdtype, device=dev)
+        self.eps = torch.full((n,), pur.eta, dtype=cdtype, device=dev)
+        self.backend = resolve_backend("pgd_step", pur.backend, dev)
+        self.graph = None
+        self.loss = torch.zeros(n, dtype=cdtype, device=dev)
+        if capture:
+            self._capture(dev)
+
+    def _step(self) -> torch.Tensor:
+        with torch.enable_grad():
+            xg = self.x.detach().requires_grad_(True)
+            loss = self.pur._recon_loss_noise(xg, self.noise)
+            grad = torch.autograd.grad(loss.sum(), xg)[0]
+        _pgd_step_inplace_validated(self.x, grad, self.x0, self.step, self.eps, "linf", -1, 0.0, 1.0, self.backend)
+        return loss.detach()
+
+    def _capture(self, dev: torch.device) -> None:
+        params = list(self.pur.model.parameters())
+        old = [p.requires_grad for p in params]
+        try:
+            for p in params:
+                p.requires_grad_(False)
+            with torch.cuda.device(dev):
+                # warm-up on a side stream (lazy init, cuBLAS handles, Triton JIT/autotune) as torch.cuda.graphs requires
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    for _ in range(3):
+                        self._step()
+                torch.cuda.current_stream().wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    self.loss = self._step()
+            self.graph = graph
+        finally:
+            for p, r in zip(params, old):
+                p.requires_grad_(r)
+
+    def run(self) -> None:
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            self.loss = self._step()
 
 
 def mae_pure_purify(model: MaskedAutoencoderViT, x: torch.Tensor, **kwargs) -> torch.Tensor:

@@ -1,0 +1,144 @@
+"""MAEPure(cuda_graph=True): argument errors on the CPU; on a GPU the captured step replays to the
+eager no-grad result for the same seed (incl. a ragged last chunk), honours step halving and stays
+in the eta-ball and [0, 1]. The static-buffer bookkeeping (noise order, step refills) is also
+checked on the CPU by running it uncaptured."""
+import pytest
+import torch
+
+from conftest import tiny_mae
+from maep_fast.purify.mae_pure import MAEPure
+
+@pytest.fixture(scope="module")
+def mae():
+    torch.manual_seed(0)
+    return tiny_mae().eval()
+
+
+# ------------------------------------------------------------------ CPU
+def test_cpu_input_raises(mae):
+    pur = MAEPure(mae, steps=2, seed=0, cuda_graph=True)
+    with pytest.raises(ValueError, match="cuda_graph=True needs CUDA tensors"):
+        pur.purify(torch.rand(2, 1, 8, 8))
+    with pytest.raises(ValueError, match="cuda_graph"):  # forward without grad is purify
+        pur(torch.rand(2, 1, 8, 8))
+
+
+def test_early_stop_conflict_raises(mae):
+    with pytest.raises(ValueError, match="cuda_graph=True does not support early_stop"):
+        MAEPure(mae, steps=2, early_stop=1e-3, cuda_graph=True)
+    pur = MAEPure(mae, steps=2, cuda_graph=True)
+    pur.early_stop = 1e-3  # set after construction: still refused, never ignored
+    with pytest.raises(ValueError, match="early_stop"):
+        pur.purify(torch.rand(2, 1, 8, 8))
+
+
+def test_cuda_graph_must_be_bool(mae):
+    with pytest.raises(TypeError, match="cuda_graph must be a bool"):
+        MAEPure(mae, cuda_graph=1)
+
+
+@pytest.mark.parametrize("n_masks,halve", [(1, True), (2, False)])
+def test_static_buffer_path_matches_eager_on_cpu(mae, n_masks, halve):
+    """The graph path's bookkeeping run without capture (CPU): same noise order and step sizes as eager."""
+    x = torch.rand(5, 1, 8, 8)
+    kw = dict(steps=6, step_size=2 / 255, eta=8 / 255, n_masks=n_masks, halve_step=halve, seed=3, batch_size=3)
+    ye = MAEPure(mae, **kw).purify(x)
+    pur = MAEPure(mae, **kw)
+    gen = pur._generator(x.device)
+    outs = [pur._purify_chunk_graph(x[k:k + 3], gen, capture=False)[0] for k in range(0, 5, 3)]
+    torch.testing.assert_close(torch.cat(outs), ye, atol=1e-6, rtol=0)
+    assert not pur._graphs  # nothing cached without capture
+
+
+# ------------------------------------------------------------------ GPU
+def _pair(model, x, **kw):
+    eager = MAEPure(model, **kw).purify(x)
+    pur = MAEPure(model, cuda_graph=True, **kw)
+    return eager, pur.purify(x), pur
+
+
+def _assert_close_mostly(a, b, frac=5e-3):
+    """Equal up to fp tolerance; a sign(grad) tie flipped by fp noise may move a rare pixel."""
+    bad = (a - b).abs() > 1e-5
+    assert bad.float().mean().item() <= frac, f"{int(bad.sum())} of {bad.numel()} values differ"
+
+
+def _cuda_model(**kw):
+    torch.manual_seed(0)
+    return tiny_mae(img_size=16, in_chans=3, **kw).cuda().eval()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("batch_size", [16, 6])  # 16: one chunk of 10; 6: chunks 6 + ragged 4
+@pytest.mark.parametrize("n_masks", [1, 2])
+def test_graph_matches_eager_same_seed(batch_size, n_masks):
+    m = _cuda_model()
+    x = torch.rand(10, 3, 16, 16, device="cuda")
+    before = [p.requires_grad for p in m.parameters()]
+    ye, yg, pur = _pair(m, x, steps=8, step_size=2 / 255, eta=8 / 255, n_masks=n_masks, seed=7,
+                        batch_size=batch_size)
+    _assert_close_mostly(yg, ye)
+    assert len(pur._graphs) == (1 if batch_size >= 10 else 2)  # the ragged chunk has its own graph
+    assert pur.last_steps_run.tolist() == [8] * 10
+    # requires_grad restored after capture
+    assert [p.requires_grad for p in m.parameters()] == before
+    # replaying the cached graphs again (static buffers reset) gives the same result
+    torch.testing.assert_close(pur.purify(x), yg, atol=0, rtol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_graph_matches_eager_global_rng():
+    m = _cuda_model()
+    x = torch.rand(4, 3, 16, 16, device="cuda")
+    kw = dict(steps=5, step_size=2 / 255, eta=8 / 255, seed=None)
+    torch.cuda.manual_seed(11)
+    ye = MAEPure(m, **kw).purify(x)
+    torch.cuda.manual_seed(11)
+    yg = MAEPure(m, cuda_graph=True, **kw).purify(x)
+    _assert_close_mostly(yg, ye)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_graph_step_halving():
+    m = _cuda_model()
+    x = torch.rand(6, 3, 16, 16, device="cuda")
+    kw = dict(steps=6, step_size=4 / 255, eta=1.0, seed=1)  # eta 1: the ball never clips, steps show
+    ye_h, yg_h, _ = _pair(m, x, halve_step=True, **kw)
+    ye_f, yg_f, _ = _pair(m, x, halve_step=False, **kw)
+    _assert_close_mostly(yg_h, ye_h)
+    _assert_close_mostly(yg_f, ye_f)
+    assert (yg_h - yg_f).abs().max().item() > 1e-4  # the static step tensor was refilled
+    # every value moves by a multiple of step/2 from x (before [0, 1] clipping)
+    inside = (yg_h > 1e-6) & (yg_h < 1 - 1e-6)
+    k = (yg_h - x)[inside] / (2 / 255)
+    assert (k - k.round()).abs().max().item() < 1e-3
+    # 3 full + 3 half steps: total movement at most 3 * 4/255 + 3 * 2/255
+    assert (yg_h - x).abs().max().item() <= 18 / 255 + 1e-5
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+def test_graph_stays_in_ball_and_range(dtype):
+    m = _cuda_model()
+    x = torch.rand(5, 3, 16, 16, device="cuda").to(dtype)
+    eta = 3 / 255
+    pur = MAEPure(m, steps=10, step_size=2 / 255, eta=eta, seed=0, batch_size=3, cuda_graph=True)
+    y = pur.purify(x)
+    assert y.dtype == dtype and y.shape == x.shape
+    tol = 1e-3 if dtype == torch.float16 else 1e-6
+    assert (y.double() - x.double()).abs().max().item() <= eta + tol
+    assert y.min().item() >= 0 and y.max().item() <= 1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_graph_rejects_training_mode():
+    m = _cuda_model()
+    pur = MAEPure(m, steps=2, cuda_graph=True)
+    m.train()
+    with pytest.raises(ValueError, match="eval mode"):
+        pur.purify(torch.rand(2, 3, 16, 16, device="cuda"))
