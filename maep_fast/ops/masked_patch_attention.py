@@ -147,6 +147,14 @@ def _triton_unsupported(q: torch.Tensor) -> tuple[str, type]:
     return "", ValueError
 
 
+CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+CUDA_MAX_HEAD_DIM = 128  # limits checked by csrc/masked_patch_attention_cuda.cpp
+
+
+def _cuda_kernel_takes(q: torch.Tensor) -> bool:
+    return q.dtype in CUDA_DTYPES and q.shape[-1] <= CUDA_MAX_HEAD_DIM
+
+
 def masked_patch_attention(q, k, v, keep=None, *, scale=None, backend="auto"):
     """Attention over visible patches; see module docstring for shapes and backends."""
     _validate(q, k, v, keep, scale)
@@ -159,7 +167,10 @@ def masked_patch_attention(q, k, v, keep=None, *, scale=None, backend="auto"):
             return MaskedPatchAttentionTriton.apply(q, k, v, keep, scale_f)
         if explicit:
             raise exc(why)
-        chosen = "cuda" if not unavailable_reason(OP, "cuda", q.device) else "torch"
+        cuda_ok = not unavailable_reason(OP, "cuda", q.device) and _cuda_kernel_takes(q)
+        chosen = "cuda" if cuda_ok else "torch"
+    if chosen == "cuda" and not explicit and not _cuda_kernel_takes(q):
+        chosen = "torch"  # auto: inputs the CUDA kernel does not take (fp64, D > 128) run the reference
     if chosen in ("cpp", "cuda"):  # autograd registered in C++ (fakes in ops/_native_ops.py, imported by ops/)
         return torch.ops.maep_fast.masked_patch_attention(q, k, v, keep, scale_f)
     return masked_patch_attention_reference(q, k, v, keep, scale)

@@ -65,8 +65,8 @@ def _attn_fwd_kernel(
     HAS_KEEP: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh = tl.program_id(0)  # B*H on axis 0: axis 1 is capped at 65535 programs
+    pid_m = tl.program_id(1)
     b = pid_bh // H
     base = pid_bh.to(tl.int64) * L * D
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -120,8 +120,8 @@ def _attn_fwd_kernel(
 
 @triton.jit
 def _attn_bwd_preprocess_kernel(O, DO, DELTA, L, D, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh = tl.program_id(0)  # B*H on axis 0: axis 1 is capped at 65535 programs
+    pid_m = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     m_valid = offs_m < L
@@ -139,8 +139,8 @@ def _attn_bwd_kernel(
     HAS_KEEP: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh = tl.program_id(0)
+    pid = tl.program_id(1)
     b = pid_bh // H
     base = pid_bh.to(tl.int64) * L * D
     row_base = pid_bh.to(tl.int64) * L
@@ -277,7 +277,7 @@ def attn_fwd(q, k, v, keep=None, scale=None, *, out=None, lse=None):
     dot_f32 = _INTERPRET or q.dtype == torch.float32
 
     def grid(meta):
-        return (triton.cdiv(length, meta["BLOCK_M"]), b * h)
+        return (b * h, triton.cdiv(length, meta["BLOCK_M"]))
 
     _attn_fwd_kernel[grid](
         q, k, v, keep_t, out, lse, h, length, d, scale * _LOG2E,
@@ -307,11 +307,11 @@ def attn_bwd(do, q, k, v, keep, out, lse, scale=None, *, dq=None, dk=None, dv=No
     block_d = _block_d(d)
     delta = torch.empty((b, h, length), dtype=torch.float32, device=q.device)
     pre_block = 64
-    _attn_bwd_preprocess_kernel[(triton.cdiv(length, pre_block), b * h)](
+    _attn_bwd_preprocess_kernel[(b * h, triton.cdiv(length, pre_block))](
         out, do, delta, length, d, BLOCK_M=pre_block, BLOCK_D=block_d,
     )
     blk = _bwd_block(d)
-    _attn_bwd_kernel[(triton.cdiv(length, blk), b * h)](
+    _attn_bwd_kernel[(b * h, triton.cdiv(length, blk))](
         q, k, v, keep_t, do, lse, delta, dq, dk, dv, h, length, d, scale, scale * _LOG2E,
         HAS_KEEP=has_keep, DOT_F32=_INTERPRET or q.dtype == torch.float32,
         PRECISION=_precision(q.dtype), BLOCK_D=block_d, BLOCK_M=blk, BLOCK_N=blk,
