@@ -9,6 +9,8 @@
 // at most a few KB), which keeps the kernel register-light for any dim.
 #include "patch_recon_loss.cuh"
 
+#include "cvt.cuh"
+
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -23,24 +25,7 @@ namespace {
 constexpr int kWarps = 4;
 constexpr int kThreads = kWarps * 32;
 
-template <typename T>
-struct Cvt {  // float, double
-  using C = T;
-  __device__ __forceinline__ static C ld(T v) { return v; }
-  __device__ __forceinline__ static T st(C v) { return v; }
-};
-template <>
-struct Cvt<__half> {
-  using C = float;
-  __device__ __forceinline__ static float ld(__half v) { return __half2float(v); }
-  __device__ __forceinline__ static __half st(float v) { return __float2half_rn(v); }
-};
-template <>
-struct Cvt<__nv_bfloat16> {
-  using C = float;
-  __device__ __forceinline__ static float ld(__nv_bfloat16 v) { return __bfloat162float(v); }
-  __device__ __forceinline__ static __nv_bfloat16 st(float v) { return __float2bfloat16_rn(v); }
-};
+using detail::Cvt;  // kernels/cvt.cuh
 
 template <typename C>
 __device__ __forceinline__ C warp_sum(C v) {

@@ -12,6 +12,8 @@
 // summation order.
 #include "pgd_step.cuh"
 
+#include "cvt.cuh"
+
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -26,24 +28,7 @@ namespace {
 
 constexpr int kThreads = 256;  // multiple of 32 (block_sum relies on it)
 
-template <typename T>
-struct Cvt {  // float, double
-  using C = T;
-  __device__ __forceinline__ static C ld(T v) { return v; }
-  __device__ __forceinline__ static T st(C v) { return v; }
-};
-template <>
-struct Cvt<__half> {
-  using C = float;
-  __device__ __forceinline__ static float ld(__half v) { return __half2float(v); }
-  __device__ __forceinline__ static __half st(float v) { return __float2half_rn(v); }
-};
-template <>
-struct Cvt<__nv_bfloat16> {
-  using C = float;
-  __device__ __forceinline__ static float ld(__nv_bfloat16 v) { return __bfloat162float(v); }
-  __device__ __forceinline__ static __nv_bfloat16 st(float v) { return __float2bfloat16_rn(v); }
-};
+using detail::Cvt;  // kernels/cvt.cuh
 
 __device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }
 __device__ __forceinline__ double mul_rn(double a, double b) { return __dmul_rn(a, b); }
