@@ -40,7 +40,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import flops as flopmod  # noqa: E402
-from common import RESULTS, measure_ceilings, run_meta, sync, time_fn, write_results  # noqa: E402
+from common import RESULTS, backend_env, measure_ceilings, run_meta, sync, time_fn, write_results  # noqa: E402
 
 from maep_fast.models.presets import PRESETS, create_mae  # noqa: E402
 from maep_fast.purify.maep import Purifier  # noqa: E402
@@ -50,23 +50,6 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 # ------------------------------------------------------------------ helpers
-@contextlib.contextmanager
-def backend_env(value: str | None):
-    """Set MAEP_FAST_BACKEND for the duration (None: leave as is)."""
-    if value is None:
-        yield
-        return
-    old = os.environ.get("MAEP_FAST_BACKEND")
-    os.environ["MAEP_FAST_BACKEND"] = value
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("MAEP_FAST_BACKEND", None)
-        else:
-            os.environ["MAEP_FAST_BACKEND"] = old
-
-
 def amp(device: torch.device, dtype: torch.dtype):
     if dtype == torch.float32:
         return contextlib.nullcontext()

@@ -1,6 +1,7 @@
 """Shared benchmark helpers: timing (median of repeats), device ceilings, run metadata."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -105,3 +106,20 @@ def write_results(name: str, meta: dict, rows: list[dict]) -> tuple[Path, Path]:
         for r in rows:
             f.write(",".join("" if r.get(k) is None else str(r.get(k)) for k in keys) + "\n")
     return jpath, cpath
+
+
+@contextlib.contextmanager
+def backend_env(value: str | None):
+    """Set MAEP_FAST_BACKEND for the duration (None: leave as is)."""
+    if value is None:
+        yield
+        return
+    old = os.environ.get("MAEP_FAST_BACKEND")
+    os.environ["MAEP_FAST_BACKEND"] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("MAEP_FAST_BACKEND", None)
+        else:
+            os.environ["MAEP_FAST_BACKEND"] = old

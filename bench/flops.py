@@ -22,16 +22,17 @@ What one image costs:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import os
 import sys
 from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from common import backend_env  # noqa: E402  ("torch": explicit-matmul attention, counted by every torch version)
+
 from maep_fast.models.mae import MaskedAutoencoderViT  # noqa: E402
 from maep_fast.models.presets import PRESETS, create_mae  # noqa: E402
 
@@ -61,20 +62,6 @@ def count(fn) -> int:
     return int(fc.get_total_flops())
 
 
-@contextlib.contextmanager
-def _reference_backend():
-    """Explicit-matmul attention everywhere (counted by every torch version); restores the env."""
-    old = os.environ.get("MAEP_FAST_BACKEND")
-    os.environ["MAEP_FAST_BACKEND"] = "torch"
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("MAEP_FAST_BACKEND", None)
-        else:
-            os.environ["MAEP_FAST_BACKEND"] = old
-
-
 def _model(preset_or_model, device: str) -> MaskedAutoencoderViT:
     if isinstance(preset_or_model, MaskedAutoencoderViT):
         return preset_or_model
@@ -92,7 +79,7 @@ def maep_flops(preset_or_model, device: str = "meta") -> int:
     m = _model(preset_or_model, device)
     dev = next(m.parameters()).device
     x = _image(m, dev)
-    with _reference_backend(), torch.no_grad():
+    with backend_env("torch"), torch.no_grad():
         return count(lambda: m.reconstruct(x, mask_ratio=0.0))
 
 
@@ -107,7 +94,7 @@ def mae_pure_step_flops(preset_or_model, mask_ratio: float = 0.25, n_masks: int 
         loss, _, _ = m(x, mask_ratio=mask_ratio)
         loss.backward(inputs=[xl])
 
-    with _reference_backend():
+    with backend_env("torch"):
         return count(step)
 
 
@@ -123,7 +110,7 @@ def maep_train_flops(preset_or_model, mask_ratio: float = 0.5, device: str = "me
         loss, _ = maep_loss(m, x, x, mask_ratio, 1.0, 1.0)
         loss.backward()
 
-    with _reference_backend():
+    with backend_env("torch"):
         n = count(step)
     for p in m.parameters():
         p.grad = None
