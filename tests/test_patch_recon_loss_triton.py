@@ -88,8 +88,21 @@ def check_case(pred, imgs, mask, ps, norm_pix, p, reduction, dtype, gen=None):
         assert f.shape == r.shape, name
         assert torch.isfinite(f).all(), f"{name}: non-finite values"
     if dtype == torch.float32:
-        for name, f, r in zip(names, fast[:3], ref[:3]):
-            torch.testing.assert_close(f, r, rtol=1e-5, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
+        low = None
+        for k, (name, f, r) in enumerate(zip(names, fast[:3], ref[:3])):
+            try:
+                torch.testing.assert_close(f, r, rtol=1e-5, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
+            except AssertionError:
+                if not norm_pix:
+                    raise
+                # Stated fp32 bound for norm_pix: the gradient passes through 1/sqrt(var + 1e-6), up to 1000x
+                # for (near-)constant patches, which amplifies fp32 rounding; there the kernel must stay within
+                # 2x (3x for gradients) the fp32 reference's own error, plus 1e-6 relative to the largest value.
+                if low is None:
+                    low = run(pred, imgs, mask, ps, norm_pix, p, reduction, backend="ref", dtype=dtype, upstream=up)
+                bound = (2 if k == 0 else 3) * (low[k] - r).abs().max().item() + 1e-6 * (1 + r.abs().max().item())
+                err = (f - r).abs().max().item()
+                assert err <= bound, f"{name}: max err {err:.3g} > fp32 bound {bound:.3g}"
     else:
         low = run(pred, imgs, mask, ps, norm_pix, p, reduction, backend="ref", dtype=dtype, upstream=up)
         for k, (name, f, r, lo) in enumerate(zip(names, fast[:3], ref[:3], low[:3])):
