@@ -4,6 +4,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from hypothesis import settings  # noqa: E402
+
+# CI runs a fixed set of hypothesis examples (reproducible); local runs keep exploring new ones.
+settings.register_profile("ci", derandomize=True, deadline=None)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 if not torch.cuda.is_available():
     # Triton kernels run under the interpreter on CPU machines; must be set before triton is imported.
