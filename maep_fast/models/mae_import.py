@@ -14,8 +14,8 @@ Accepted inputs (``path_or_state``):
 * a plain state dict (or a dict wrapping one under ``model`` /
   ``state_dict``).
 
-Torch files are read with ``torch.load(path, map_location="cpu",
-weights_only=True)`` only: nothing else is ever unpickled. facebookresearch
+Torch files are read only with ``weights_only=True`` (``torch.load``):
+nothing else is ever unpickled. facebookresearch
 training checkpoints also hold ``args`` (an ``argparse.Namespace``), which
 that loader refuses; the error says how to re-save the weights once.
 
@@ -130,10 +130,9 @@ def _torch_load(path: Path) -> object:
                     "'args' as an argparse.Namespace).")
         raise CheckpointError(
             f"{str(path)!r} holds {what}, which maep_fast will not unpickle (it reads torch files with "
-            f"weights_only=True only).{hint} If you trust the file, re-save just the weights once:\n"
-            f"  python -c \"import torch; ck = torch.load('{path}', map_location='cpu', weights_only=False); "
-            f"torch.save({{'model': ck['model']}}, '{path.with_suffix('')}_weights.pth')\"\n"
-            "and load the new file."
+            f"weights_only=True only).{hint} If you trust the file's source, re-save just the weights once, "
+            f"where the file was made (loading it there runs its pickled objects): keep only its 'model' entry, "
+            f"torch.save({{'model': ck['model']}}, '{path.with_suffix('')}_weights.pth'), and load the new file."
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
         raise CheckpointError(f"{str(path)!r} is not a readable torch file: {exc}") from None
