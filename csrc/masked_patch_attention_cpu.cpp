@@ -168,23 +168,29 @@ MAEP_INLINE void gather_rows(const S* src, const int64_t* idx, int64_t n, int64_
   }
 }
 
+// Call fn(i) for every row i in [0, L) that is not in the sorted visible list vis[0..nv).
+template <typename Fn>
+MAEP_INLINE void for_each_hidden_row(const int64_t* vis, int64_t nv, int64_t L, Fn&& fn) {
+  int64_t c = 0;
+  for (int64_t i = 0; i < L; ++i) {
+    if (c < nv && vis[c] == i) {
+      ++c;
+      continue;
+    }
+    fn(i);
+  }
+}
+
 // ---- forward of one (b, h) -------------------------------------------------
 template <typename S>
 MAEP_INLINE void mpa_fwd_one_impl(const S* q, const S* k, const S* v, S* out, compute_t<S>* lse, const int64_t* vis,
                                   int64_t nv, int64_t L, int64_t D, compute_t<S> scale) {
   using C = compute_t<S>;
   // Hidden rows (and everything when no key is visible): zeros.
-  {
-    int64_t c = 0;
-    for (int64_t i = 0; i < L; ++i) {
-      if (c < nv && vis[c] == i) {
-        ++c;
-        continue;
-      }
-      std::fill(out + i * D, out + (i + 1) * D, S(0));
-      lse[i] = C(0);
-    }
-  }
+  for_each_hidden_row(vis, nv, L, [&](int64_t i) {
+    std::fill(out + i * D, out + (i + 1) * D, S(0));
+    lse[i] = C(0);
+  });
   if (nv == 0) return;
   std::vector<C> qc(nv * D), kc(nv * D), vc(nv * D);
   gather_rows<S>(q, vis, nv, D, qc.data());
@@ -241,18 +247,11 @@ MAEP_INLINE void mpa_bwd_one_impl(const S* go, const S* q, const S* k, const S* 
                                   const compute_t<S>* lse, S* dq, S* dk, S* dv, const int64_t* vis, int64_t nv,
                                   int64_t L, int64_t D, compute_t<S> scale) {
   using C = compute_t<S>;
-  {
-    int64_t c = 0;
-    for (int64_t i = 0; i < L; ++i) {
-      if (c < nv && vis[c] == i) {
-        ++c;
-        continue;
-      }
-      std::fill(dq + i * D, dq + (i + 1) * D, S(0));
-      std::fill(dk + i * D, dk + (i + 1) * D, S(0));
-      std::fill(dv + i * D, dv + (i + 1) * D, S(0));
-    }
-  }
+  for_each_hidden_row(vis, nv, L, [&](int64_t i) {
+    std::fill(dq + i * D, dq + (i + 1) * D, S(0));
+    std::fill(dk + i * D, dk + (i + 1) * D, S(0));
+    std::fill(dv + i * D, dv + (i + 1) * D, S(0));
+  });
   if (nv == 0) return;
   std::vector<C> qc(nv * D), kc(nv * D), vc(nv * D), gc(nv * D);
   gather_rows<S>(q, vis, nv, D, qc.data());

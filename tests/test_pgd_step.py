@@ -17,6 +17,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from pgd_inputs import make_pgd_inputs as make_inputs
 
 import maep_fast.ops._dispatch as dispatch
 from maep_fast._native import native_available, native_unavailable_reason
@@ -31,23 +32,6 @@ LOWP = (torch.float16, torch.bfloat16)
 
 
 # ---------------------------------------------------------------- helpers
-def make_inputs(shape, dtype=torch.float32, *, zero_grad_sample=True, seed=None):
-    gen = torch.Generator().manual_seed(seed) if seed is not None else None
-    b = shape[0]
-    x0 = torch.rand(shape, generator=gen, dtype=torch.float64)
-    x = (x0 + 0.05 * torch.randn(shape, generator=gen, dtype=torch.float64)).clamp(0, 1)
-    g = torch.randn(shape, generator=gen, dtype=torch.float64)
-    flat = g.view(b, -1)
-    flat[:, ::7] = 0.0  # exact zeros: sign(0) = 0
-    if zero_grad_sample and b > 1:
-        flat[b // 2] = 0.0  # an all-zero gradient sample must not move before projection
-    step = torch.rand(b, generator=gen, dtype=torch.float64) * 0.05
-    eps = torch.rand(b, generator=gen, dtype=torch.float64) * 0.08
-    if b > 2:
-        eps[-1] = 0.0
-    return x.to(dtype), g.to(dtype), x0.to(dtype), step, eps
-
-
 def numpy_pgd(x, g, x0, step, eps, norm, direction, clamp):
     """Independent per-sample formula in float64 with plain loops."""
     b = x.shape[0]

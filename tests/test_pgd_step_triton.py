@@ -15,6 +15,7 @@ import math
 
 import pytest
 import torch
+from pgd_inputs import make_pgd_inputs
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -39,22 +40,9 @@ def cdtype(dtype):
 
 
 def make_inputs(shape, dtype=torch.float32, *, seed=None):
-    gen = torch.Generator().manual_seed(seed) if seed is not None else None
-    b = shape[0]
-    x0 = torch.rand(shape, generator=gen, dtype=torch.float64)
-    x = (x0 + 0.05 * torch.randn(shape, generator=gen, dtype=torch.float64)).clamp(0, 1)
-    g = torch.randn(shape, generator=gen, dtype=torch.float64)
-    flat = g.view(b, -1)
-    flat[:, ::7] = 0.0  # exact zeros: sign(0) = 0
-    if b > 1:
-        flat[b // 2] = 0.0  # an all-zero gradient sample does not move before projection
-    step = torch.rand(b, generator=gen, dtype=torch.float64) * 0.05
-    eps = torch.rand(b, generator=gen, dtype=torch.float64) * 0.08
-    if b > 2:
-        eps[-1] = 0.0
+    x, g, x0, step, eps = make_pgd_inputs(shape, dtype, seed=seed)
     cd = cdtype(dtype)
-    dev = DEVICE
-    return x.to(dev, dtype), g.to(dev, dtype), x0.to(dev, dtype), step.to(dev, cd), eps.to(dev, cd)
+    return x.to(DEVICE), g.to(DEVICE), x0.to(DEVICE), step.to(DEVICE, cd), eps.to(DEVICE, cd)
 
 
 def reference(x, g, x0, step, eps, norm, direction, clamp):

@@ -56,6 +56,26 @@ def _prune_fwd(configs, named_args, **kwargs):
     return keep or configs[:1]
 
 
+@triton.jit
+def _visible(KEEP, b, L, offs, valid, HAS_KEEP: tl.constexpr):
+    """Positions ``offs`` of sample ``b`` that are in range and kept (all in-range ones without a mask)."""
+    vis = valid
+    if HAS_KEEP:
+        vis = (tl.load(KEEP + b * L + offs, mask=valid, other=0) != 0) & valid
+    return vis
+
+
+@triton.jit
+def _load_pair(A, B, off, mask, DOT_F32: tl.constexpr):
+    """Two [rows, BLOCK_D] tiles at the same offsets (q/do or k/v), as fp32 when dots run in fp32."""
+    a = tl.load(A + off, mask=mask, other=0.0)
+    b = tl.load(B + off, mask=mask, other=0.0)
+    if DOT_F32:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return a, b
+
+
 @triton.autotune(configs=_fwd_configs(), key=["L", "BLOCK_D", "HAS_KEEP", "DOT_F32"],
                  prune_configs_by=None if _INTERPRET else {"early_config_prune": _prune_fwd})
 @triton.jit
@@ -77,10 +97,7 @@ def _attn_fwd_kernel(
                 mask=m_valid[:, None] & d_valid[None, :], other=0.0)
     if DOT_F32:
         q = q.to(tl.float32)
-    if HAS_KEEP:
-        q_vis = (tl.load(KEEP + b * L + offs_m, mask=m_valid, other=0) != 0) & m_valid
-    else:
-        q_vis = m_valid
+    q_vis = _visible(KEEP, b, L, offs_m, m_valid, HAS_KEEP)
 
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -90,15 +107,8 @@ def _attn_fwd_kernel(
         n_valid = offs_n < L
         kv_off = base + offs_n[:, None] * D + offs_d[None, :]
         kv_mask = n_valid[:, None] & d_valid[None, :]
-        k = tl.load(K + kv_off, mask=kv_mask, other=0.0)
-        v = tl.load(V + kv_off, mask=kv_mask, other=0.0)
-        if DOT_F32:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-        if HAS_KEEP:
-            k_vis = (tl.load(KEEP + b * L + offs_n, mask=n_valid, other=0) != 0) & n_valid
-        else:
-            k_vis = n_valid
+        k, v = _load_pair(K, V, kv_off, kv_mask, DOT_F32)
+        k_vis = _visible(KEEP, b, L, offs_n, n_valid, HAS_KEEP)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         s = tl.where(k_vis[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -152,15 +162,8 @@ def _attn_bwd_kernel(
     n_valid = offs_n < L
     n_mask = n_valid[:, None] & d_valid[None, :]
     n_off = base + offs_n[:, None] * D + offs_d[None, :]
-    k = tl.load(K + n_off, mask=n_mask, other=0.0)
-    v = tl.load(V + n_off, mask=n_mask, other=0.0)
-    if DOT_F32:
-        k = k.to(tl.float32)
-        v = v.to(tl.float32)
-    if HAS_KEEP:
-        k_vis = (tl.load(KEEP + b * L + offs_n, mask=n_valid, other=0) != 0) & n_valid
-    else:
-        k_vis = n_valid
+    k, v = _load_pair(K, V, n_off, n_mask, DOT_F32)
+    k_vis = _visible(KEEP, b, L, offs_n, n_valid, HAS_KEEP)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     for start_m in range(0, L, BLOCK_M):
@@ -168,17 +171,10 @@ def _attn_bwd_kernel(
         m_valid = offs_m < L
         m_off = base + offs_m[:, None] * D + offs_d[None, :]
         m_mask = m_valid[:, None] & d_valid[None, :]
-        q = tl.load(Q + m_off, mask=m_mask, other=0.0)
-        do = tl.load(DO + m_off, mask=m_mask, other=0.0)
-        if DOT_F32:
-            q = q.to(tl.float32)
-            do = do.to(tl.float32)
+        q, do = _load_pair(Q, DO, m_off, m_mask, DOT_F32)
         lse2 = tl.load(LSE + row_base + offs_m, mask=m_valid, other=0.0) * 1.4426950408889634
         delta = tl.load(DELTA + row_base + offs_m, mask=m_valid, other=0.0)
-        if HAS_KEEP:
-            q_vis = (tl.load(KEEP + b * L + offs_m, mask=m_valid, other=0) != 0) & m_valid
-        else:
-            q_vis = m_valid
+        q_vis = _visible(KEEP, b, L, offs_m, m_valid, HAS_KEEP)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [BM, BN]
         p = tl.math.exp2(s - lse2[:, None])
         p = tl.where(q_vis[:, None] & k_vis[None, :], p, 0.0)
@@ -195,32 +191,18 @@ def _attn_bwd_kernel(
     m_valid = offs_m < L
     m_off = base + offs_m[:, None] * D + offs_d[None, :]
     m_mask = m_valid[:, None] & d_valid[None, :]
-    q = tl.load(Q + m_off, mask=m_mask, other=0.0)
-    do = tl.load(DO + m_off, mask=m_mask, other=0.0)
-    if DOT_F32:
-        q = q.to(tl.float32)
-        do = do.to(tl.float32)
+    q, do = _load_pair(Q, DO, m_off, m_mask, DOT_F32)
     lse2 = tl.load(LSE + row_base + offs_m, mask=m_valid, other=0.0) * 1.4426950408889634
     delta = tl.load(DELTA + row_base + offs_m, mask=m_valid, other=0.0)
-    if HAS_KEEP:
-        q_vis = (tl.load(KEEP + b * L + offs_m, mask=m_valid, other=0) != 0) & m_valid
-    else:
-        q_vis = m_valid
+    q_vis = _visible(KEEP, b, L, offs_m, m_valid, HAS_KEEP)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for start_n in range(0, L, BLOCK_N):
         offs_n2 = start_n + tl.arange(0, BLOCK_N)
         n_valid2 = offs_n2 < L
         kv_off = base + offs_n2[:, None] * D + offs_d[None, :]
         kv_mask = n_valid2[:, None] & d_valid[None, :]
-        k2 = tl.load(K + kv_off, mask=kv_mask, other=0.0)
-        v2 = tl.load(V + kv_off, mask=kv_mask, other=0.0)
-        if DOT_F32:
-            k2 = k2.to(tl.float32)
-            v2 = v2.to(tl.float32)
-        if HAS_KEEP:
-            k_vis2 = (tl.load(KEEP + b * L + offs_n2, mask=n_valid2, other=0) != 0) & n_valid2
-        else:
-            k_vis2 = n_valid2
+        k2, v2 = _load_pair(K, V, kv_off, kv_mask, DOT_F32)
+        k_vis2 = _visible(KEEP, b, L, offs_n2, n_valid2, HAS_KEEP)
         s = tl.dot(q, tl.trans(k2), input_precision=PRECISION) * qk_scale
         p = tl.math.exp2(s - lse2[:, None])
         p = tl.where(q_vis[:, None] & k_vis2[None, :], p, 0.0)
