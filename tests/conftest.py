@@ -31,3 +31,12 @@ def tiny_mae(**kw):
                decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2)
     cfg.update(kw)
     return MaskedAutoencoderViT(**cfg)
+
+
+def linear_model(c=1, size=8, k=3, seed=0):
+    """A fixed random linear classifier [N, c, size, size] -> [N, k] logits (attack tests)."""
+    g = torch.Generator().manual_seed(seed)
+    lin = torch.nn.Linear(c * size * size, k)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(lin.weight.shape, generator=g))
+    return torch.nn.Sequential(torch.nn.Flatten(), lin).eval()

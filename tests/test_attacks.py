@@ -3,16 +3,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from conftest import linear_model
+
 from maep_fast.attacks import pgd_attack
 from maep_fast.evaluate import AttackSpec, evaluate, format_table
-
-
-def linear_model(c=1, size=8, k=3, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    lin = torch.nn.Linear(c * size * size, k)
-    with torch.no_grad():
-        lin.weight.copy_(torch.randn(lin.weight.shape, generator=g))
-    return torch.nn.Sequential(torch.nn.Flatten(), lin).eval()
 
 
 @settings(deadline=None, max_examples=15)

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from conftest import tiny_mae
+from conftest import linear_model, tiny_mae
 from maep_fast.attacks.bpda import BPDA, bpda_model
 from maep_fast.attacks.eot import EOT, eot_grad
 from maep_fast.evaluate import (THREAT_MODELS, accuracy_vs_eps, evaluate_threat_models, format_table,
@@ -11,14 +11,6 @@ from maep_fast.purify import Purifier
 from maep_fast.purify.mae_pure import MAEPure
 
 ROW_KEYS = {"defense", "threat_model", "attack", "norm", "eps", "steps", "eot", "n", "seed", "accuracy"}
-
-
-def linear_model(c=1, size=8, k=3, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    lin = torch.nn.Linear(c * size * size, k)
-    with torch.no_grad():
-        lin.weight.copy_(torch.randn(lin.weight.shape, generator=g))
-    return torch.nn.Sequential(torch.nn.Flatten(), lin).eval()
 
 
 @pytest.fixture(scope="module")
