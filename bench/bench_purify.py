@@ -43,6 +43,7 @@ import flops as flopmod  # noqa: E402
 from common import RESULTS, backend_env, measure_ceilings, run_meta, sync, time_fn, write_results  # noqa: E402
 
 from maep_fast.models.presets import PRESETS, create_mae  # noqa: E402
+from maep_fast.purify.mae_pure import MAEPure  # noqa: E402
 from maep_fast.purify.maep import Purifier  # noqa: E402
 from maep_fast.train.maep import maep_loss  # noqa: E402
 
@@ -240,15 +241,6 @@ def bench_maep(B: Bench, preset: str, base_model, dtype, batches, fl, use_compil
 def bench_mae_pure(B: Bench, preset: str, base_model, dtype, batches, fl, steps_list):
     dname = str(dtype).split(".")[-1]
     common = {"purifier": "MAE-Pure", "preset": preset, "dtype": dname}
-    try:
-        from maep_fast.purify.mae_pure import MAEPure
-    except Exception as exc:  # the module is written in parallel: skip, do not fail
-        reason = f"maep_fast.purify.mae_pure not importable: {type(exc).__name__}: {exc}"[:300]
-        print(f"  MAE-Pure skipped: {reason}")
-        for s in steps_list:
-            for v in ("fused", "reference"):
-                B.rows.append({**common, "variant": v, "steps": s, "skipped": reason})
-        return
     dev = B.device
     ref_model = copy.deepcopy(base_model).set_backend("torch")
     fused_model = copy.deepcopy(base_model).set_backend("auto")

@@ -48,7 +48,8 @@ def measure_ceilings(device: torch.device, quick: bool = False) -> dict:
     t = time_fn(lambda: b.copy_(a), device, warmup=2, repeat=10)
     bw = 2 * a.numel() * 4 / (t["median_ms"] * 1e-3) / 1e9
     out = {"mem_bw_GBps": bw}
-    dtypes = [torch.float32] if device.type == "cpu" else [torch.float32, torch.bfloat16, torch.float16]
+    # bf16 on the CPU too: without AVX512-BF16/AMX it is emulated, and its MFU must use its own ceiling
+    dtypes = [torch.float32, torch.bfloat16] if device.type == "cpu" else [torch.float32, torch.bfloat16, torch.float16]
     m = 1024 if device.type == "cpu" else 8192
     for dt in dtypes:
         x = torch.randn(m, m, device=device, dtype=dt)
