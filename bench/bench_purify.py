@@ -151,11 +151,16 @@ class Bench:
         if key in self.last:
             b0, s0 = self.last[key]
             proj = s0 * batch / b0
-            if proj > a.max_call_s:
-                row["skipped"] = f"projected {proj:.0f} s per call > --max-call-s {a.max_call_s}"
-                self.rows.append(row)
-                print(f"  {self._label(row):44s} B{batch:<4d} skipped: {row['skipped']}")
-                return
+            why = f"projected {proj:.0f} s per call > --max-call-s {a.max_call_s}"
+        else:  # a lower bound before anything of this series ran: FLOPs at the measured matmul ceiling
+            ceil = self._ceiling(series["dtype"])
+            proj = flops_per_image * batch / scale / (ceil * 1e12) if (flops_per_image and ceil) else 0.0
+            why = f"at least {proj:.0f} s per call (FLOPs / measured matmul ceiling) > --max-call-s {a.max_call_s}"
+        if proj > a.max_call_s:
+            row["skipped"] = why
+            self.rows.append(row)
+            print(f"  {self._label(row):44s} B{batch:<4d} skipped: {row['skipped']}")
+            return
         try:
             fn = make_fn()
             t = measure(fn, self.device, a.budget_s, a.repeat, warm=warm)
@@ -183,8 +188,11 @@ class Bench:
         print(f"  {self._label(row):44s} B{batch:<4d} {ms:10.2f} ms  {ips:10.2f} img/s  "
               f"MFU {row.get('mfu', float('nan')):.3f}  mem {mem} MB  (n={t['n']})")
 
+    def _ceiling(self, dtype: str) -> float | None:
+        return self.ceil.get(f"matmul_{dtype}_TFLOPs", self.ceil.get("matmul_float32_TFLOPs"))
+
     def mfu(self, tflops: float, dtype: str) -> float | None:
-        ceil = self.ceil.get(f"matmul_{dtype}_TFLOPs", self.ceil.get("matmul_float32_TFLOPs"))
+        ceil = self._ceiling(dtype)
         return round(tflops / ceil, 4) if ceil else None
 
     def finalize_mfu(self, ceil: dict) -> None:
