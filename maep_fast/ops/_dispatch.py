@@ -28,9 +28,10 @@ IMPLEMENTED: dict[str, set[str]] = {}
 
 # auto's preference per device type.
 # cpu: cpp first, measured side by side in bench/results/ops_cpu.json (2-core AMD EPYC, fp32,
-#   `python3 bench/bench_ops.py --device cpu --compile`): cpp vs eager reference 14.7x (pgd_step L-inf),
-#   4.4x (patch_recon_loss fwd+bwd), 2.0-4.3x (attention fwd+bwd, keep 75-25 %), and faster than
-#   torch.compile(reference) in every row.
+#   `python3 bench/bench_ops.py --device cpu --compile`), cpp vs the eager reference: pgd_step 10.8x
+#   (L-inf) / 6.7x (L2), patch_recon_loss fwd+bwd 4.3x, attention fwd+bwd 5.5x / 3.2x / 1.6x / 1.3x at
+#   keep 25 / 50 / 75 / 100 % (SDPA 1.0-1.5x). torch.compile(reference) ties cpp only on pgd_step L2,
+#   and auto cannot assume the user compiles.
 # cuda: a default, not a measurement: no GPU run exists yet (bench/NOTES.md). Triton first because
 #   its kernels are autotuned per shape; re-order from bench/results/ops_cuda.json once it exists.
 AUTO_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpp", "torch")}
