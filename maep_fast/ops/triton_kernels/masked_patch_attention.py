@@ -38,20 +38,33 @@ _LN2 = 0.6931471805599453
 MAX_HEAD_DIM = 256
 
 
+_TILES = ((64, 64, 4, 2), (64, 32, 4, 3), (128, 64, 8, 2), (128, 32, 4, 3))  # BLOCK_M, BLOCK_N, warps, stages
+# Rows of >= 1 KB (fp32 at BLOCK_D 256) need 205-279 KB of shared memory with _TILES, over sm_80's
+# 163 KB (and 128x32x3 over sm_90's 227 KB); these fit in 100-128 KB (tests/triton_aot_check.py).
+_WIDE_ROW_TILES = ((64, 32, 4, 1), (32, 32, 4, 2))
+_WIDE_ROW_BYTES = 1024
+
+
 def _fwd_configs():
     if _INTERPRET:
         return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=1)]
-    return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-        for bm, bn, w, s in ((64, 64, 4, 2), (64, 32, 4, 3), (128, 64, 8, 2), (128, 32, 4, 3))
-    ]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+            for bm, bn, w, s in _TILES + _WIDE_ROW_TILES]
+
+
+def _tile(c) -> tuple:
+    return c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages
 
 
 def _prune_fwd(configs, named_args, **kwargs):
-    """Drop blocks far larger than L (tiny sequences) and big tiles for big head dims."""
+    """Wide rows get the small-footprint tiles only; others drop blocks far larger than L (tiny
+    sequences) and the 128x64 tile for head dims >= 128."""
     length, block_d = named_args["L"], kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
+    if block_d * named_args["Q"].element_size() >= _WIDE_ROW_BYTES:
+        return [c for c in configs if _tile(c) in _WIDE_ROW_TILES] or configs[:1]
     keep = [c for c in configs
-            if c.kwargs["BLOCK_M"] <= max(64, triton.next_power_of_2(length))
+            if _tile(c) in _TILES
+            and c.kwargs["BLOCK_M"] <= max(64, triton.next_power_of_2(length))
             and not (block_d >= 128 and c.kwargs["BLOCK_M"] == 128 and c.kwargs["BLOCK_N"] == 64)]
     return keep or configs[:1]
 
