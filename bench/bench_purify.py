@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import json
 import os
 import sys
 import threading
@@ -326,6 +327,7 @@ def bench_train(B: Bench, preset: str, base_model, dtype, batches, fl):
 
 # ------------------------------------------------------------------ output
 def plot(rows, path: Path, title: str) -> bool:
+    """images/s vs batch size (log-log), one panel per dtype."""
     try:
         import matplotlib
 
@@ -333,27 +335,30 @@ def plot(rows, path: Path, title: str) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    series: dict[str, list] = {}
+    panels: dict[str, dict[str, list]] = {}
     for r in rows:
         if r.get("images_per_s") and r["purifier"] != "MAEP-train":
-            series.setdefault(label_of(r), []).append((r["batch"], r["images_per_s"]))
-    if not series:
+            label = label_of(r).replace(f"[{r['dtype']}, ", "[")
+            panels.setdefault(r["dtype"], {}).setdefault(label, []).append((r["batch"], r["images_per_s"]))
+    if not panels:
         return False
     styles = {"MAEP": "-", "MAE-Pure": "--", "DiffPure": ":"}
-    fig, ax = plt.subplots(figsize=(9, 6))
-    for lab, pts in sorted(series.items()):
-        pts.sort()
-        ls = next((v for k, v in styles.items() if lab.startswith(k + " ")), "-")
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], ls, marker="o", label=lab)
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("batch size")
-    ax.set_ylabel("images / s")
-    ax.set_title(title, fontsize=9)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
+    fig, axes = plt.subplots(1, len(panels), figsize=(8 * len(panels), 6.5), squeeze=False)
+    for ax, (dtype, series) in zip(axes[0], sorted(panels.items(), key=lambda kv: kv[0] != "float32")):
+        for lab, pts in sorted(series.items()):
+            pts.sort()
+            ls = next((v for k, v in styles.items() if lab.startswith(k + " ")), "-")
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], ls, marker="o", label=lab)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("batch size")
+        ax.set_ylabel("images / s")
+        ax.set_title(dtype)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7, loc="best")
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
 
@@ -414,6 +419,13 @@ def summarize(rows) -> list[str]:
     return out
 
 
+def _title(meta: dict) -> str:
+    t = f"{meta.get('cpu_model', meta['device'])} | torch {meta['torch']} | git {meta['git_sha']}"
+    if meta.get("device_type") == "cpu":
+        t += f" | {meta['torch_threads']} threads | load {meta['loadavg_start'][0]:.1f}->{meta['loadavg_end'][0]:.1f}"
+    return t
+
+
 def _ints(s: str) -> list[int]:
     return [int(v) for v in s.split(",") if v]
 
@@ -448,7 +460,16 @@ def main() -> None:
                     help="skip the configs left after this many seconds, still writing results (default 420 on cuda: "
                          "the device tool stops a command at 600 s; none on cpu)")
     ap.add_argument("--name", default=None, help="results file stem (default purify_<device>)")
+    ap.add_argument("--replot", default=None, metavar="JSON",
+                    help="only redraw the PNG next to a results JSON of an earlier run, then exit")
     args = ap.parse_args()
+    if args.replot:
+        jpath = Path(args.replot)
+        data = json.loads(jpath.read_text())
+        if not plot(data["rows"], jpath.with_suffix(".png"), _title(data["meta"])):
+            raise SystemExit("nothing to plot (or matplotlib missing)")
+        print(f"wrote {jpath.with_suffix('.png')}")
+        return
 
     device = torch.device(args.device)
     gpu = device.type == "cuda"
@@ -562,9 +583,7 @@ def main() -> None:
         raise SystemExit(f"nothing was benchmarked (--only {args.only!r})")
     j, c = write_results(name, meta, B.rows)
     png = RESULTS / f"{name}.png"
-    title = (f"{meta['device']} | torch {meta['torch']} | {meta['git_sha']} | load {load0[0]:.1f}->{meta['loadavg_end'][0]:.1f}"
-             if not gpu else f"{meta['device']} | torch {meta['torch']} | {meta['git_sha']}")
-    have_png = plot(B.rows, png, title)
+    have_png = plot(B.rows, png, _title(meta))
     print("\n== summary ==")
     for line in lines:
         print(line)

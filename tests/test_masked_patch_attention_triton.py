@@ -304,6 +304,30 @@ def test_head_dim_limit_raises():
         masked_patch_attention(q, k, v, backend="triton")
 
 
+@pytest.mark.parametrize("dtype, block_d, length, expect_wide", [
+    (torch.float32, 256, 65, True),    # 1 KB rows: only the small-footprint tiles fit sm_80
+    (torch.float16, 256, 65, False),
+    (torch.float32, 128, 65, False),
+    (torch.bfloat16, 64, 17, False),
+])
+def test_forward_tile_pruning(dtype, block_d, length, expect_wide):
+    """The GPU autotuner's pruning (the interpreter uses one tile): which tiles each row width gets.
+    tests/test_triton_compile.py checks the kept tiles fit shared memory after compiling them."""
+    import triton
+
+    from maep_fast.ops.triton_kernels import masked_patch_attention as tk
+
+    configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+               for bm, bn, w, s in tk._TILES + tk._WIDE_ROW_TILES]
+    kept = tk._prune_fwd(configs, {"L": length, "Q": torch.empty(1, dtype=dtype)}, BLOCK_D=block_d)
+    tiles = {tk._tile(c) for c in kept}
+    assert tiles and tiles <= set(tk._WIDE_ROW_TILES if expect_wide else tk._TILES)
+    if length <= 64:
+        assert all(t[0] <= 64 for t in tiles)
+    if block_d >= 128 and not expect_wide:
+        assert (128, 64, 8, 2) not in tiles
+
+
 @pytest.mark.parametrize("case, exc, match", [
     ("rank", ValueError, "q must have rank 4"),
     ("kshape", ValueError, "share one shape"),
