@@ -345,10 +345,11 @@ def plot(rows, path: Path, title: str) -> bool:
     styles = {"MAEP": "-", "MAE-Pure": "--", "DiffPure": ":"}
     fig, axes = plt.subplots(1, len(panels), figsize=(8 * len(panels), 6.5), squeeze=False)
     for ax, (dtype, series) in zip(axes[0], sorted(panels.items(), key=lambda kv: kv[0] != "float32")):
-        for lab, pts in sorted(series.items()):
+        colors = plt.cm.tab20.colors  # distinct colours for up to 20 series per panel
+        for i, (lab, pts) in enumerate(sorted(series.items())):
             pts.sort()
             ls = next((v for k, v in styles.items() if lab.startswith(k + " ")), "-")
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], ls, marker="o", label=lab)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], ls, marker="o", label=lab, color=colors[i % 20])
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("batch size")
@@ -379,13 +380,13 @@ def summarize(rows) -> list[str]:
                 d = best(rows, purifier="DiffPure", variant=v, dtype=dt)
                 if m and d:
                     ex = " (DiffPure extrapolated from fewer steps)" if d.get("extrapolated") else ""
-                    out.append(f"[{dt}] MAEP fused ({pr}) {m['images_per_s']:.1f} img/s @B{m['batch']} vs DiffPure {v} "
-                               f"{d['images_per_s']:.3f} img/s @B{d['batch']}: x{m['images_per_s'] / d['images_per_s']:.0f}{ex}")
+                    out.append(f"[{dt}] MAEP fused ({pr}) {m['images_per_s']:.3g} img/s @B{m['batch']} vs DiffPure {v} "
+                               f"{d['images_per_s']:.3g} img/s @B{d['batch']}: x{m['images_per_s'] / d['images_per_s']:.0f}{ex}")
             for s in sorted({r.get("steps") for r in rows if r["purifier"] == "MAE-Pure" and r.get("steps")}):
                 mp = best(rows, purifier="MAE-Pure", variant="fused", dtype=dt, preset=pr, steps=s)
                 if m and mp:
-                    out.append(f"[{dt}] MAEP fused vs MAE-Pure fused S{s} ({pr}): {m['images_per_s']:.1f} vs "
-                               f"{mp['images_per_s']:.2f} img/s (best batch each): x{m['images_per_s'] / mp['images_per_s']:.0f}")
+                    out.append(f"[{dt}] MAEP fused vs MAE-Pure fused S{s} ({pr}): {m['images_per_s']:.3g} vs "
+                               f"{mp['images_per_s']:.3g} img/s (best batch each): x{m['images_per_s'] / mp['images_per_s']:.0f}")
             by_b = {}
             for r in rows:
                 if r["purifier"] == "MAEP" and r["dtype"] == dt and r["preset"] == pr and r.get("images_per_s"):
@@ -393,7 +394,7 @@ def summarize(rows) -> list[str]:
             for b, v in sorted(by_b.items()):
                 if "fused" in v:
                     parts = [f"vs {k} x{v['fused'] / v[k]:.2f}" for k in ("eager", "compile") if k in v]
-                    out.append(f"[{dt}] MAEP fused B{b} ({pr}): {v['fused']:.1f} img/s " + ", ".join(parts))
+                    out.append(f"[{dt}] MAEP fused B{b} ({pr}): {v['fused']:.3g} img/s " + ", ".join(parts))
             for purifier in ("MAE-Pure", "MAEP-train"):
                 groups = {}
                 for r in rows:
@@ -402,8 +403,8 @@ def summarize(rows) -> list[str]:
                 for (s, b), v in sorted(groups.items(), key=lambda kv: (kv[0][0] or 0, kv[0][1])):
                     if "fused" in v and "reference" in v:
                         tag = f" S{s}" if s else ""
-                        out.append(f"[{dt}] {purifier}{tag} B{b} ({pr}): fused {v['fused']:.2f} vs reference "
-                                   f"{v['reference']:.2f} img/s: x{v['fused'] / v['reference']:.2f}")
+                        out.append(f"[{dt}] {purifier}{tag} B{b} ({pr}): fused {v['fused']:.3g} vs reference "
+                                   f"{v['reference']:.3g} img/s: x{v['fused'] / v['reference']:.2f}")
     seen = set()
     for r in sorted((r for r in rows if r.get("images_per_s")), key=lambda r: -r["images_per_s"]):
         key = (r["purifier"], r["variant"], r.get("steps"), r["dtype"], r["preset"])
