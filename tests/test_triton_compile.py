@@ -21,6 +21,14 @@ HELPER = Path(__file__).with_name("triton_aot_check.py")
 SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 
 
+def _writable(path: Path) -> bool:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return False
+    return os.access(path, os.W_OK)
+
+
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
     ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
@@ -28,6 +36,8 @@ def report(tmp_path_factory):
         pytest.skip(f"this triton build has no bundled ptxas at {ptxas}")
     out = tmp_path_factory.mktemp("aot") / "aot.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    if "TRITON_CACHE_DIR" not in env and not _writable(Path.home() / ".triton" / "cache"):
+        env["TRITON_CACHE_DIR"] = str(tmp_path_factory.mktemp("triton_cache"))  # compiling writes a cache
     proc = subprocess.run([sys.executable, str(HELPER), "--arch", "80,90", "--json", str(out)],
                           env=env, capture_output=True, text=True, timeout=1500)
     assert proc.returncode == 0, f"Triton AOT compile check failed:\n{proc.stdout[-6000:]}\n{proc.stderr[-4000:]}"
