@@ -66,3 +66,24 @@ def test_widest_fp32_rows_compiled(report):
             and "BLOCK_D=256" in r["spec"] and "Q:*fp32" in r["spec"]]
     assert {r["arch"] for r in wide} == {80, 90}
     assert all(r["shared"] <= SMEM_LIMIT[r["arch"]] for r in wide)
+
+
+def _attention_rows(report, dtype: str, precision: str = "ieee"):
+    return [r for r in report["rows"] if r["kernel"] in ("_attn_fwd_kernel", "_attn_bwd_kernel")
+            and f"Q:*{dtype}" in r["spec"] and f"PRECISION={precision}" in r["spec"]]
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_half_precision_attention_uses_tensor_cores(report, dtype):
+    rows = _attention_rows(report, dtype)
+    assert rows and all(r["tensor_core"] in ("mma", "wgmma") for r in rows), \
+        [r["spec"] for r in rows if not r["tensor_core"]][:3]
+    hopper_fwd = [r for r in rows if r["arch"] == 90 and r["kernel"] == "_attn_fwd_kernel"]
+    assert hopper_fwd and all(r["tensor_core"] == "wgmma" for r in hopper_fwd)
+
+
+def test_fp32_attention_is_ieee_unless_tf32_is_allowed(report):
+    """fp32 dots stay IEEE (FMA) by default, like torch's matmul; allow_tf32 switches to tensor cores."""
+    ieee, tf32 = _attention_rows(report, "fp32"), _attention_rows(report, "fp32", "tf32")
+    assert ieee and all(r["tensor_core"] is None for r in ieee)
+    assert tf32 and all(r["tensor_core"] in ("mma", "wgmma") for r in tf32)

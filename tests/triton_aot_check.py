@@ -8,8 +8,9 @@ records each launch's specialization (argument types, alignment, constexprs, num
 num_stages; every autotune config the launcher's pruning keeps) instead of compiling and
 launching. Each recorded specialization is then compiled to a cubin with
 ``triton.compile`` for every requested architecture, and its shared memory is checked
-against that architecture's per-block limit. ``cuobjdump -res-usage`` adds registers and
-spill (local) memory to the report.
+against that architecture's per-block limit. The report adds which tensor-core
+instruction the dots lowered to (from the PTX) and, from ``cuobjdump -res-usage``,
+registers and spill (local) memory.
 
     python3 tests/triton_aot_check.py [--arch 80,90] [--jobs N] [--json out.json]
 
@@ -200,6 +201,15 @@ def _resource_usage(cubin: bytes) -> dict:
     return {"regs": int(m.group(1)), "stack": int(m.group(2)), "local": int(m.group(3))} if m else {}
 
 
+def _tensor_core(ptx: str) -> str | None:
+    """Which tensor-core instruction the kernel's dots lowered to (None: FMA only)."""
+    if "wgmma.mma_async" in ptx:
+        return "wgmma"  # Hopper warpgroup MMA
+    if "mma.sync" in ptx:
+        return "mma"
+    return None
+
+
 def _describe(spec: dict) -> str:
     consts = spec["constants"]
     args = ", ".join(f"{name}={consts[(i,)]}" if (i,) in consts else f"{name}:{ty}"
@@ -216,7 +226,8 @@ def _compile_one(job: tuple[int, int]) -> dict:
     try:
         src = ASTSource(spec["fn"], spec["signature"], spec["constants"], spec["attrs"])
         k = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(spec["options"]))
-        row.update(ok=True, shared=int(k.metadata.shared), **_resource_usage(k.asm["cubin"]))
+        row.update(ok=True, shared=int(k.metadata.shared), tensor_core=_tensor_core(k.asm["ptx"]),
+                   **_resource_usage(k.asm["cubin"]))
         if row["shared"] > SMEM_LIMIT[arch]:
             row.update(ok=False, error=f"shared memory {row['shared']} B > sm_{arch} limit {SMEM_LIMIT[arch]} B")
     except Exception as exc:  # report every failure, not just the first
