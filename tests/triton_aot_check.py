@@ -9,7 +9,8 @@ num_stages; every autotune config the launcher's pruning keeps) instead of compi
 launching. Each recorded specialization is then compiled to a cubin with
 ``triton.compile`` for every requested architecture, and its shared memory is checked
 against that architecture's per-block limit. The report adds which tensor-core
-instruction the dots lowered to (from the PTX) and, from ``cuobjdump -res-usage``,
+instruction the dots lowered to and the vector widths of its global loads (from the
+PTX) and, from ``cuobjdump -res-usage``,
 registers and spill (local) memory.
 
     python3 tests/triton_aot_check.py [--arch 80,90] [--jobs N] [--json out.json]
@@ -227,6 +228,7 @@ def _compile_one(job: tuple[int, int]) -> dict:
         src = ASTSource(spec["fn"], spec["signature"], spec["constants"], spec["attrs"])
         k = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(spec["options"]))
         row.update(ok=True, shared=int(k.metadata.shared), tensor_core=_tensor_core(k.asm["ptx"]),
+                   vector_loads=sorted(set(re.findall(r"ld\.global(?:\.\w+)*?\.(v[248])\.", k.asm["ptx"]))),
                    **_resource_usage(k.asm["cubin"]))
         if row["shared"] > SMEM_LIMIT[arch]:
             row.update(ok=False, error=f"shared memory {row['shared']} B > sm_{arch} limit {SMEM_LIMIT[arch]} B")
