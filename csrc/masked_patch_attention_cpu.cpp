@@ -341,6 +341,14 @@ int64_t bh_grain(const MpaGeometry& g) {
   return std::max<int64_t>(1, 65536 / work);
 }
 
+// fn(t, b) for every (sample, head) t = b * H + h, in parallel over heads.
+template <typename F>
+void for_each_head(const MpaGeometry& g, const F& fn) {
+  at::parallel_for(0, g.b * g.h, bh_grain(g), [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) fn(t, t / g.h);
+  });
+}
+
 std::tuple<at::Tensor, at::Tensor> masked_patch_attention_fwd_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
                                                                   const at::Tensor& v_in,
                                                                   const c10::optional<at::Tensor>& keep,
@@ -361,13 +369,9 @@ std::tuple<at::Tensor, at::Tensor> masked_patch_attention_fwd_cpu(const at::Tens
                                     scalar_t* op = out.mutable_data_ptr<scalar_t>();
                                     C* lp = lse.mutable_data_ptr<C>();
                                     const int64_t LD = g.l * g.d;
-                                    at::parallel_for(0, g.b * g.h, bh_grain(g), [&](int64_t t0, int64_t t1) {
-                                      for (int64_t t = t0; t < t1; ++t) {
-                                        const int64_t b = t / g.h;
-                                        mpa_fwd_one(qp + t * LD, kp + t * LD, vp + t * LD, op + t * LD,
-                                                    lp + t * g.l, vis.data() + b * g.l, count[b], g.l, g.d,
-                                                    static_cast<C>(scale));
-                                      }
+                                    for_each_head(g, [&](int64_t t, int64_t b) {
+                                      mpa_fwd_one(qp + t * LD, kp + t * LD, vp + t * LD, op + t * LD, lp + t * g.l,
+                                                  vis.data() + b * g.l, count[b], g.l, g.d, static_cast<C>(scale));
                                     });
                                   });
   return {out, lse};
@@ -399,14 +403,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_patch_attention_bwd_cpu(
                                     scalar_t* dkp = dk.mutable_data_ptr<scalar_t>();
                                     scalar_t* dvp = dv.mutable_data_ptr<scalar_t>();
                                     const int64_t LD = g.l * g.d;
-                                    at::parallel_for(0, g.b * g.h, bh_grain(g), [&](int64_t t0, int64_t t1) {
-                                      for (int64_t t = t0; t < t1; ++t) {
-                                        const int64_t b = t / g.h;
-                                        mpa_bwd_one(gp + t * LD, qp + t * LD, kp + t * LD, vp + t * LD,
-                                                    opp + t * LD, lp + t * g.l, dqp + t * LD, dkp + t * LD,
-                                                    dvp + t * LD, vis.data() + b * g.l, count[b], g.l, g.d,
-                                                    static_cast<C>(scale));
-                                      }
+                                    for_each_head(g, [&](int64_t t, int64_t b) {
+                                      mpa_bwd_one(gp + t * LD, qp + t * LD, kp + t * LD, vp + t * LD, opp + t * LD,
+                                                  lp + t * g.l, dqp + t * LD, dkp + t * LD, dvp + t * LD,
+                                                  vis.data() + b * g.l, count[b], g.l, g.d, static_cast<C>(scale));
                                     });
                                   });
   return {dq, dk, dv};

@@ -23,3 +23,14 @@ def make_pgd_inputs(shape, dtype=torch.float32, *, zero_grad_sample=True, seed=N
     if b > 2:
         eps[-1] = 0.0
     return x.to(dtype), g.to(dtype), x0.to(dtype), step, eps
+
+
+def assert_in_ball_and_range(out, x0, eps, norm, dtype):
+    """``out`` lies in [0, 1] and within ``eps`` of ``x0`` (per sample, [B, n] inputs) in ``norm``."""
+    assert out.min() >= 0.0 and out.max() <= 1.0
+    d = (out - x0).double()
+    atol = 1e-6 if dtype == torch.float32 else 1e-12
+    if norm == "linf":
+        assert d.abs().max().item() <= eps + atol
+    else:
+        assert (d.norm(dim=1) <= eps * (1 + 1e-5) + atol).all()

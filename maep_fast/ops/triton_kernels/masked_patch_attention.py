@@ -79,6 +79,37 @@ def _visible(KEEP, b, L, offs, valid, HAS_KEEP: tl.constexpr):
 
 
 @triton.jit
+def _rows(base, start, L, D, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Rows ``start .. start+BLOCK`` of one [L, D] head: (row indices, rows in range,
+    element offsets [BLOCK, BLOCK_D], element mask [BLOCK, BLOCK_D])."""
+    offs = start + tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, BLOCK_D)
+    valid = offs < L
+    return offs, valid, base + offs[:, None] * D + offs_d[None, :], valid[:, None] & (offs_d < D)[None, :]
+
+
+@triton.jit
+def _query_stats(LSE, DELTA, KEEP, b, row_base, L, offs_m, m_valid, HAS_KEEP: tl.constexpr):
+    """Saved logsumexp (base 2), delta = rowsum(dO * O) and visibility of query rows ``offs_m``."""
+    lse2 = tl.load(LSE + row_base + offs_m, mask=m_valid, other=0.0) * 1.4426950408889634
+    delta = tl.load(DELTA + row_base + offs_m, mask=m_valid, other=0.0)
+    return lse2, delta, _visible(KEEP, b, L, offs_m, m_valid, HAS_KEEP)
+
+
+@triton.jit
+def _probs(q, k, lse2, vis, qk_scale, PRECISION: tl.constexpr):
+    """Softmax P recomputed from the saved logsumexp, zero where the query or the key is hidden."""
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [BM, BN]
+    return tl.where(vis, tl.math.exp2(s - lse2[:, None]), 0.0)
+
+
+@triton.jit
+def _dscores(p, do, v, delta, PRECISION: tl.constexpr):
+    """dS = P * (dO V^T - delta)."""
+    return p * (tl.dot(do, tl.trans(v), input_precision=PRECISION) - delta[:, None])
+
+
+@triton.jit
 def _load_pair(A, B, off, mask, DOT_F32: tl.constexpr):
     """Two [rows, BLOCK_D] tiles at the same offsets (q/do or k/v), as fp32 when dots run in fp32."""
     a = tl.load(A + off, mask=mask, other=0.0)
@@ -145,13 +176,8 @@ def _attn_fwd_kernel(
 def _attn_bwd_preprocess_kernel(O, DO, DELTA, L, D, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     pid_bh = tl.program_id(0)  # B*H on axis 0: axis 1 is capped at 65535 programs
     pid_m = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    m_valid = offs_m < L
-    mask = m_valid[:, None] & (offs_d < D)[None, :]
-    off = pid_bh.to(tl.int64) * L * D + offs_m[:, None] * D + offs_d[None, :]
-    o = tl.load(O + off, mask=mask, other=0.0).to(tl.float32)
-    do = tl.load(DO + off, mask=mask, other=0.0).to(tl.float32)
+    offs_m, m_valid, off, mask = _rows(pid_bh.to(tl.int64) * L * D, pid_m * BLOCK_M, L, D, BLOCK_M, BLOCK_D)
+    o, do = _load_pair(O, DO, off, mask, True)
     tl.store(DELTA + pid_bh.to(tl.int64) * L + offs_m, tl.sum(o * do, 1), mask=m_valid)
 
 
@@ -167,60 +193,36 @@ def _attn_bwd_kernel(
     b = pid_bh // H
     base = pid_bh.to(tl.int64) * L * D
     row_base = pid_bh.to(tl.int64) * L
-    offs_d = tl.arange(0, BLOCK_D)
-    d_valid = offs_d < D
 
     # ---- dk, dv for key block `pid` ------------------------------------------------
-    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_valid = offs_n < L
-    n_mask = n_valid[:, None] & d_valid[None, :]
-    n_off = base + offs_n[:, None] * D + offs_d[None, :]
+    offs_n, n_valid, n_off, n_mask = _rows(base, pid * BLOCK_N, L, D, BLOCK_N, BLOCK_D)
     k, v = _load_pair(K, V, n_off, n_mask, DOT_F32)
     k_vis = _visible(KEEP, b, L, offs_n, n_valid, HAS_KEEP)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     for start_m in range(0, L, BLOCK_M):
-        offs_m = start_m + tl.arange(0, BLOCK_M)
-        m_valid = offs_m < L
-        m_off = base + offs_m[:, None] * D + offs_d[None, :]
-        m_mask = m_valid[:, None] & d_valid[None, :]
+        offs_m, m_valid, m_off, m_mask = _rows(base, start_m, L, D, BLOCK_M, BLOCK_D)
         q, do = _load_pair(Q, DO, m_off, m_mask, DOT_F32)
-        lse2 = tl.load(LSE + row_base + offs_m, mask=m_valid, other=0.0) * 1.4426950408889634
-        delta = tl.load(DELTA + row_base + offs_m, mask=m_valid, other=0.0)
-        q_vis = _visible(KEEP, b, L, offs_m, m_valid, HAS_KEEP)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [BM, BN]
-        p = tl.math.exp2(s - lse2[:, None])
-        p = tl.where(q_vis[:, None] & k_vis[None, :], p, 0.0)
+        lse2, delta, q_vis = _query_stats(LSE, DELTA, KEEP, b, row_base, L, offs_m, m_valid, HAS_KEEP)
+        p = _probs(q, k, lse2, q_vis[:, None] & k_vis[None, :], qk_scale, PRECISION)
         dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=PRECISION)
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-        ds = p * (dp - delta[:, None])
+        ds = _dscores(p, do, v, delta, PRECISION)
         dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PRECISION)
     dk = dk * sm_scale
     tl.store(DK + n_off, dk.to(DK.dtype.element_ty), mask=n_mask)
     tl.store(DV + n_off, dv.to(DV.dtype.element_ty), mask=n_mask)
 
     # ---- dq for query block `pid` --------------------------------------------------
-    offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_valid = offs_m < L
-    m_off = base + offs_m[:, None] * D + offs_d[None, :]
-    m_mask = m_valid[:, None] & d_valid[None, :]
+    offs_m, m_valid, m_off, m_mask = _rows(base, pid * BLOCK_M, L, D, BLOCK_M, BLOCK_D)
     q, do = _load_pair(Q, DO, m_off, m_mask, DOT_F32)
-    lse2 = tl.load(LSE + row_base + offs_m, mask=m_valid, other=0.0) * 1.4426950408889634
-    delta = tl.load(DELTA + row_base + offs_m, mask=m_valid, other=0.0)
-    q_vis = _visible(KEEP, b, L, offs_m, m_valid, HAS_KEEP)
+    lse2, delta, q_vis = _query_stats(LSE, DELTA, KEEP, b, row_base, L, offs_m, m_valid, HAS_KEEP)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for start_n in range(0, L, BLOCK_N):
-        offs_n2 = start_n + tl.arange(0, BLOCK_N)
-        n_valid2 = offs_n2 < L
-        kv_off = base + offs_n2[:, None] * D + offs_d[None, :]
-        kv_mask = n_valid2[:, None] & d_valid[None, :]
+        offs_n2, n_valid2, kv_off, kv_mask = _rows(base, start_n, L, D, BLOCK_N, BLOCK_D)
         k2, v2 = _load_pair(K, V, kv_off, kv_mask, DOT_F32)
         k_vis2 = _visible(KEEP, b, L, offs_n2, n_valid2, HAS_KEEP)
-        s = tl.dot(q, tl.trans(k2), input_precision=PRECISION) * qk_scale
-        p = tl.math.exp2(s - lse2[:, None])
-        p = tl.where(q_vis[:, None] & k_vis2[None, :], p, 0.0)
-        dp = tl.dot(do, tl.trans(v2), input_precision=PRECISION)
-        ds = p * (dp - delta[:, None])
+        p = _probs(q, k2, lse2, q_vis[:, None] & k_vis2[None, :], qk_scale, PRECISION)
+        ds = _dscores(p, do, v2, delta, PRECISION)
         dq += tl.dot(ds.to(k2.dtype), k2, input_precision=PRECISION)
     dq = tl.where(q_vis[:, None], dq * sm_scale, 0.0)
     tl.store(DQ + m_off, dq.to(DQ.dtype.element_ty), mask=m_mask)

@@ -39,31 +39,16 @@ NORM_EPS = 1.0e-6
 
 
 @triton.jit
-def _gather_patch(
-    pred_ptr, imgs_ptr, rows, cols,
-    s_pn, s_pl, s_pd, s_in, s_ic, s_ih, s_iw,
-    R, L, GW, C, P, D,
-    CDT: tl.constexpr,
-):
-    """Load pred and the matching target patch as [BLOCK_R, BLOCK_D] in CDT."""
-    rmask = rows < R
-    cmask = cols < D
-    n = rows // L
-    l_idx = rows % L
-    gh = l_idx // GW
-    gw = l_idx % GW
+def _image_offsets(n, l_idx, cols, GW, C, P, s_n, s_c, s_h, s_w):
+    """Element offsets [BLOCK_R, BLOCK_D] of patch ``l_idx`` of image ``n`` in an [N, C, H, W]
+    tensor with strides ``s_*``; column ``cols`` = (i * P + q) * C + c, MAE's patchify order."""
     c = cols % C
     q = (cols // C) % P
     i = cols // (C * P)
-    m2 = rmask[:, None] & cmask[None, :]
-    img_off = (
-        n[:, None] * s_in + c[None, :] * s_ic
-        + (gh[:, None] * P + i[None, :]) * s_ih + (gw[:, None] * P + q[None, :]) * s_iw
-    )
-    t = tl.load(imgs_ptr + img_off, mask=m2, other=0.0).to(CDT)
-    pred_off = n[:, None] * s_pn + l_idx[:, None] * s_pl + cols[None, :] * s_pd
-    pr = tl.load(pred_ptr + pred_off, mask=m2, other=0.0).to(CDT)
-    return t, pr, m2, img_off, n, l_idx
+    gh = l_idx // GW
+    gw = l_idx % GW
+    return (n[:, None] * s_n + c[None, :] * s_c
+            + (gh[:, None] * P + i[None, :]) * s_h + (gw[:, None] * P + q[None, :]) * s_w)
 
 
 @triton.jit
@@ -88,6 +73,32 @@ def _normalize(t, m2, cols, D, CDT: tl.constexpr, BLOCK_R: tl.constexpr):
 
 
 @triton.jit
+def _load_rows(
+    pred_ptr, imgs_ptr,
+    s_pn, s_pl, s_pd, s_in, s_ic, s_ih, s_iw,
+    R, L, GW, C, P, D,
+    NORM_PIX: tl.constexpr, CDT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """This program's BLOCK_R patches: pred and target as [BLOCK_R, BLOCK_D] in CDT (target
+    normalized per patch under NORM_PIX, with its rstd; rstd is unused otherwise), the element
+    mask, rows, cols and each row's (image, patch) index."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.arange(0, BLOCK_D)
+    m2 = (rows < R)[:, None] & (cols < D)[None, :]
+    n = rows // L
+    l_idx = rows % L
+    img_off = _image_offsets(n, l_idx, cols, GW, C, P, s_in, s_ic, s_ih, s_iw)
+    t = tl.load(imgs_ptr + img_off, mask=m2, other=0.0).to(CDT)
+    pred_off = n[:, None] * s_pn + l_idx[:, None] * s_pl + cols[None, :] * s_pd
+    pr = tl.load(pred_ptr + pred_off, mask=m2, other=0.0).to(CDT)
+    if NORM_PIX:
+        t, rstd = _normalize(t, m2, cols, D, CDT, BLOCK_R)
+    else:
+        rstd = tl.zeros([BLOCK_R], CDT)
+    return t, pr, m2, rows, cols, n, l_idx, rstd
+
+
+@triton.jit
 def _patch_recon_loss_fwd_kernel(
     err_ptr, pred_ptr, imgs_ptr, mask_ptr,
     s_pn, s_pl, s_pd, s_in, s_ic, s_ih, s_iw, s_mn, s_ml,
@@ -95,14 +106,10 @@ def _patch_recon_loss_fwd_kernel(
     NORM_PIX: tl.constexpr, POWER: tl.constexpr, HAS_MASK: tl.constexpr,
     CDT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)
-    rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = tl.arange(0, BLOCK_D)
-    t, pr, m2, img_off, n, l_idx = _gather_patch(
-        pred_ptr, imgs_ptr, rows, cols, s_pn, s_pl, s_pd, s_in, s_ic, s_ih, s_iw, R, L, GW, C, P, D, CDT
+    t, pr, m2, rows, cols, n, l_idx, rstd = _load_rows(
+        pred_ptr, imgs_ptr, s_pn, s_pl, s_pd, s_in, s_ic, s_ih, s_iw, R, L, GW, C, P, D,
+        NORM_PIX, CDT, BLOCK_R, BLOCK_D,
     )
-    if NORM_PIX:
-        t, rstd = _normalize(t, m2, cols, D, CDT, BLOCK_R)
     diff = tl.where(m2, pr - t, 0.0)
     if POWER == 2:
         e = diff * diff
@@ -124,14 +131,10 @@ def _patch_recon_loss_bwd_kernel(
     NORM_PIX: tl.constexpr, POWER: tl.constexpr, HAS_MASK: tl.constexpr,
     CDT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)
-    rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = tl.arange(0, BLOCK_D)
-    t, pr, m2, img_off, n, l_idx = _gather_patch(
-        pred_ptr, imgs_ptr, rows, cols, s_pn, s_pl, s_pd, s_in, s_ic, s_ih, s_iw, R, L, GW, C, P, D, CDT
+    t, pr, m2, rows, cols, n, l_idx, rstd = _load_rows(
+        pred_ptr, imgs_ptr, s_pn, s_pl, s_pd, s_in, s_ic, s_ih, s_iw, R, L, GW, C, P, D,
+        NORM_PIX, CDT, BLOCK_R, BLOCK_D,
     )
-    if NORM_PIX:
-        t, rstd = _normalize(t, m2, cols, D, CDT, BLOCK_R)
     rmask = rows < R
     w = tl.load(gerr_ptr + n * s_gn + l_idx * s_gl, mask=rmask, other=0.0).to(CDT)
     if HAS_MASK:
@@ -153,16 +156,7 @@ def _patch_recon_loss_bwd_kernel(
         dt = rstd[:, None] * (u - mean_u[:, None] - t * dot[:, None])
     else:
         dt = u
-    # Same index math as the gather, with the output's strides.
-    c = cols % C
-    q = (cols // C) % P
-    i = cols // (C * P)
-    gh = l_idx // GW
-    gw = l_idx % GW
-    dimg_off = (
-        n[:, None] * s_din + c[None, :] * s_dic
-        + (gh[:, None] * P + i[None, :]) * s_dih + (gw[:, None] * P + q[None, :]) * s_diw
-    )
+    dimg_off = _image_offsets(n, l_idx, cols, GW, C, P, s_din, s_dic, s_dih, s_diw)
     tl.store(dimgs_ptr + dimg_off, dt.to(dimgs_ptr.dtype.element_ty), mask=m2)
 
 

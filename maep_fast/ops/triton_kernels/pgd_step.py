@@ -48,6 +48,15 @@ def _clamp_bounds(bounds_ptr, lo, hi, BOUNDS_FROM_PTR: tl.constexpr):
 
 
 @triton.jit
+def _load_x_g_x0(x_ptr, g_ptr, x0_ptr, offs, valid, CDT: tl.constexpr):
+    """The iterate, its gradient and the ball centre at ``offs``, in the compute dtype."""
+    x = tl.load(x_ptr + offs, mask=valid, other=0.0).to(CDT)
+    g = tl.load(g_ptr + offs, mask=valid, other=0.0).to(CDT)
+    x0 = tl.load(x0_ptr + offs, mask=valid, other=0.0).to(CDT)
+    return x, g, x0
+
+
+@triton.jit
 def _pgd_linf_kernel(
     out_ptr, x_ptr, g_ptr, x0_ptr, step_ptr, eps_ptr, bounds_ptr,
     total, M, direction, lo, hi,
@@ -57,9 +66,7 @@ def _pgd_linf_kernel(
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     valid = offs < total
     b = offs // M
-    x = tl.load(x_ptr + offs, mask=valid, other=0.0).to(CDT)
-    g = tl.load(g_ptr + offs, mask=valid, other=0.0).to(CDT)
-    x0 = tl.load(x0_ptr + offs, mask=valid, other=0.0).to(CDT)
+    x, g, x0 = _load_x_g_x0(x_ptr, g_ptr, x0_ptr, offs, valid, CDT)
     s = tl.load(step_ptr + b, mask=valid, other=0.0).to(CDT)
     e = tl.load(eps_ptr + b, mask=valid, other=0.0).to(CDT)
     sgn = tl.where(g > 0, 1.0, tl.where(g < 0, -1.0, 0.0)).to(CDT)  # (g > 0) - (g < 0): torch.sign(NaN) = 0 too
@@ -99,6 +106,13 @@ def _sample_norm(part_ptr, b, NPART, CDT: tl.constexpr, PART_BLOCK: tl.constexpr
 
 
 @triton.jit
+def _l2_grad_norm_and_step(gpart_ptr, step_ptr, b, NPART, direction, CDT: tl.constexpr, PART_BLOCK: tl.constexpr):
+    """Sample ``b``'s ||grad|| (floored at 1e-12, NaN kept) and its signed step size."""
+    gnorm = tl.maximum(_sample_norm(gpart_ptr, b, NPART, CDT, PART_BLOCK), 1e-12, propagate_nan=tl.PropagateNan.ALL)
+    return gnorm, direction * tl.load(step_ptr + b).to(CDT)
+
+
+@triton.jit
 def _pgd_l2_update_kernel(
     dpart_ptr, x_ptr, g_ptr, x0_ptr, gpart_ptr, step_ptr,
     M, CHUNK, ITERS, NPART, direction,
@@ -106,17 +120,14 @@ def _pgd_l2_update_kernel(
 ):
     b = tl.program_id(0).to(tl.int64)
     part = tl.program_id(1)
-    gnorm = tl.maximum(_sample_norm(gpart_ptr, b, NPART, CDT, PART_BLOCK), 1e-12, propagate_nan=tl.PropagateNan.ALL)
-    s = direction * tl.load(step_ptr + b).to(CDT)
+    gnorm, s = _l2_grad_norm_and_step(gpart_ptr, step_ptr, b, NPART, direction, CDT, PART_BLOCK)
     base = b * M
     start = part * CHUNK
     acc = tl.zeros([BLOCK], dtype=CDT)
     for i in range(0, ITERS):
         idx = start + i * BLOCK + tl.arange(0, BLOCK)
         valid = idx < M
-        x = tl.load(x_ptr + base + idx, mask=valid, other=0.0).to(CDT)
-        g = tl.load(g_ptr + base + idx, mask=valid, other=0.0).to(CDT)
-        x0 = tl.load(x0_ptr + base + idx, mask=valid, other=0.0).to(CDT)
+        x, g, x0 = _load_x_g_x0(x_ptr, g_ptr, x0_ptr, base + idx, valid, CDT)
         delta = (x + s * g / gnorm) - x0
         acc += delta * delta
     tl.store(dpart_ptr + b * NPART + part, tl.sum(acc, axis=0))
@@ -131,11 +142,10 @@ def _pgd_l2_project_kernel(
 ):
     b = tl.program_id(0).to(tl.int64)
     part = tl.program_id(1)
-    gnorm = tl.maximum(_sample_norm(gpart_ptr, b, NPART, CDT, PART_BLOCK), 1e-12, propagate_nan=tl.PropagateNan.ALL)
+    gnorm, s = _l2_grad_norm_and_step(gpart_ptr, step_ptr, b, NPART, direction, CDT, PART_BLOCK)
     dnorm = _sample_norm(dpart_ptr, b, NPART, CDT, PART_BLOCK)
     e = tl.load(eps_ptr + b).to(CDT)
     factor = tl.where(dnorm > e, e / tl.maximum(dnorm, 1e-12), 1.0).to(CDT)
-    s = direction * tl.load(step_ptr + b).to(CDT)
     if HAS_CLAMP:
         lo_v, hi_v = _clamp_bounds(bounds_ptr, lo, hi, BOUNDS_FROM_PTR)
     base = b * M
@@ -143,9 +153,7 @@ def _pgd_l2_project_kernel(
     for i in range(0, ITERS):
         idx = start + i * BLOCK + tl.arange(0, BLOCK)
         valid = idx < M
-        x = tl.load(x_ptr + base + idx, mask=valid, other=0.0).to(CDT)
-        g = tl.load(g_ptr + base + idx, mask=valid, other=0.0).to(CDT)
-        x0 = tl.load(x0_ptr + base + idx, mask=valid, other=0.0).to(CDT)
+        x, g, x0 = _load_x_g_x0(x_ptr, g_ptr, x0_ptr, base + idx, valid, CDT)
         delta = (x + s * g / gnorm) - x0
         xn = x0 + delta * factor
         if HAS_CLAMP:
