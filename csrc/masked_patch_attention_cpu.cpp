@@ -63,20 +63,23 @@ void dgemm_(const char* transa, const char* transb, const int* m, const int* n, 
             const int* ldc) __attribute__((weak));
 }
 
+// Plain-loop GEMM, Cm[M, N] = alpha * op(A) op(B) + beta * Cm, row-major, no allocation: the
+// path for small products (a BLAS call's fixed cost dominates below kSmallGemm multiply-adds)
+// and the fallback where no BLAS symbol is found.
 template <typename C>
 void loop_gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, C alpha, const C* A, int64_t lda, const C* B,
                int64_t ldb, C beta, C* Cm, int64_t ldc) {
-  std::vector<C> row(N);
   for (int64_t i = 0; i < M; ++i) {
-    std::fill(row.begin(), row.end(), C(0));
-    for (int64_t p = 0; p < K; ++p) {
-      const C a = ta ? A[p * lda + i] : A[i * lda + p];
-      for (int64_t j = 0; j < N; ++j) row[j] += a * (tb ? B[j * ldb + p] : B[p * ldb + j]);
-    }
     C* c = Cm + i * ldc;
-    for (int64_t j = 0; j < N; ++j) c[j] = alpha * row[j] + (beta == C(0) ? C(0) : beta * c[j]);
+    for (int64_t j = 0; j < N; ++j) {
+      C acc = C(0);
+      for (int64_t p = 0; p < K; ++p) acc += (ta ? A[p * lda + i] : A[i * lda + p]) * (tb ? B[j * ldb + p] : B[p * ldb + j]);
+      c[j] = alpha * acc + (beta == C(0) ? C(0) : beta * c[j]);
+    }
   }
 }
+
+constexpr int64_t kSmallGemm = 16384;
 
 // Row-major Cm[M, N] = alpha * op(A) op(B) + beta * Cm (column-major BLAS on transposed views).
 template <typename C>
@@ -88,7 +91,7 @@ inline void rm_gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, C alpha, 
   const int la = static_cast<int>(ldb), lb = static_cast<int>(lda), lc = static_cast<int>(ldc);
   // MAEP_FAST_CPU_NO_BLAS=1 forces the loop GEMM (tests exercise the fallback with it).
   static const bool use_blas = std::getenv("MAEP_FAST_CPU_NO_BLAS") == nullptr;
-  if (!use_blas) {
+  if (!use_blas || M * N * K <= kSmallGemm) {
     loop_gemm<C>(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, Cm, ldc);
     return;
   }
@@ -192,20 +195,27 @@ MAEP_INLINE void mpa_fwd_one_impl(const S* q, const S* k, const S* v, S* out, co
     lse[i] = C(0);
   });
   if (nv == 0) return;
-  std::vector<C> qc(nv * D), kc(nv * D), vc(nv * D);
-  gather_rows<S>(q, vis, nv, D, qc.data());
-  gather_rows<S>(k, vis, nv, D, kc.data());
-  gather_rows<S>(v, vis, nv, D, vc.data());
-  const int64_t bk_max = std::min(nv, kBK);
-  std::vector<C> sbuf(kBQ * bk_max), obuf(kBQ * D), mrow(kBQ), lrow(kBQ);
+  const int64_t bk_max = std::min(nv, kBK), bq_max = std::min(nv, kBQ);
+  // One scratch allocation per (b, h): visible q, k, v; scores; output block; row max and sum.
+  std::vector<C> scratch(3 * nv * D + bq_max * bk_max + bq_max * D + 2 * bq_max);
+  C* const qc = scratch.data();
+  C* const kc = qc + nv * D;
+  C* const vc = kc + nv * D;
+  C* const sbuf = vc + nv * D;
+  C* const obuf = sbuf + bq_max * bk_max;
+  C* const mrow = obuf + bq_max * D;
+  C* const lrow = mrow + bq_max;
+  gather_rows<S>(q, vis, nv, D, qc);
+  gather_rows<S>(k, vis, nv, D, kc);
+  gather_rows<S>(v, vis, nv, D, vc);
   for (int64_t q0 = 0; q0 < nv; q0 += kBQ) {
     const int64_t bq = std::min(kBQ, nv - q0);
-    std::fill(mrow.begin(), mrow.end(), -std::numeric_limits<C>::infinity());
-    std::fill(lrow.begin(), lrow.end(), C(0));
+    std::fill(mrow, mrow + bq_max, -std::numeric_limits<C>::infinity());
+    std::fill(lrow, lrow + bq_max, C(0));
     for (int64_t k0 = 0; k0 < nv; k0 += kBK) {
       const int64_t bk = std::min(kBK, nv - k0);
-      C* s = sbuf.data();
-      rm_gemm<C>(false, true, bq, bk, D, scale, qc.data() + q0 * D, D, kc.data() + k0 * D, D, C(0), s, bk);
+      C* s = sbuf;
+      rm_gemm<C>(false, true, bq, bk, D, scale, qc + q0 * D, D, kc + k0 * D, D, C(0), s, bk);
       for (int64_t r = 0; r < bq; ++r) {
         C* sr = s + r * bk;
         C mx = mrow[r];
@@ -223,17 +233,17 @@ MAEP_INLINE void mpa_fwd_one_impl(const S* q, const S* k, const S* v, S* out, co
         } else {
           const C alpha = exp_c(mrow[r] - mx);
           lrow[r] = lrow[r] * alpha + sum;
-          C* orow = obuf.data() + r * D;
+          C* orow = obuf + r * D;
           for (int64_t j = 0; j < D; ++j) orow[j] *= alpha;
         }
         mrow[r] = mx;
       }
-      rm_gemm<C>(false, false, bq, D, bk, C(1), s, bk, vc.data() + k0 * D, D, k0 == 0 ? C(0) : C(1), obuf.data(), D);
+      rm_gemm<C>(false, false, bq, D, bk, C(1), s, bk, vc + k0 * D, D, k0 == 0 ? C(0) : C(1), obuf, D);
     }
     for (int64_t r = 0; r < bq; ++r) {
       const int64_t row = vis[q0 + r];
       const C inv = C(1) / lrow[r];
-      const C* orow = obuf.data() + r * D;
+      const C* orow = obuf + r * D;
       S* dst = out + row * D;
       for (int64_t j = 0; j < D; ++j) dst[j] = cpu::st<S>(orow[j] * inv);
       lse[row] = mrow[r] + log_c(lrow[r]);
@@ -464,6 +474,11 @@ class MaskedPatchAttentionFunction : public torch::autograd::Function<MaskedPatc
 
 at::Tensor masked_patch_attention_autograd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                            const c10::optional<at::Tensor>& keep, double scale) {
+  if (!at::GradMode::is_enabled() || !(q.requires_grad() || k.requires_grad() || v.requires_grad())) {
+    // No graph to record: skip the autograd Function's node and context (host cost per call).
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return std::get<0>(fwd_op().call(q, k, v, keep, scale));
+  }
   return MaskedPatchAttentionFunction::apply(q, k, v, keep, scale);
 }
 

@@ -2,8 +2,11 @@
 // device guard, visible-index lists (stable sort of ~keep: visible indices
 // first, ascending; counts = keep.sum(1)), zero-filled outputs (hidden rows),
 // launch of the torch-free kernels (kernels/masked_patch_attention.cu) on the
-// current stream. CUDA kernels: fp32 / fp16 / bf16 storage (fp32 math),
-// head dim D <= 128; fp64 inputs are rejected here (use the cpp or torch backend).
+// current stream. CUDA kernels: fp16 / bf16 on tensor cores (fp32 accumulation
+// and statistics), fp32 exact (scalar fp32 math); head dim 1 <= D <= 128, L and
+// grid limits of kernels/masked_patch_attention.cuh; everything else (fp64, D > 128,
+// too long / too many sequences) is refused here with a TORCH_CHECK naming the
+// argument, before any allocation or launch (use the cpp or torch backend).
 // Built only with MAEP_FAST_CUDA=ON (CMakeLists.txt).
 #include "masked_patch_attention.h"
 
@@ -34,10 +37,23 @@ cuda::MpaDType to_kernel_dtype(const char* op, at::ScalarType st) {
   }
 }
 
+// Every input the CUDA kernels cannot run is refused here, before any allocation or
+// launch (kernels/masked_patch_attention.cuh lists the limits; the launchers would
+// only return cudaErrorInvalidValue).
 void check_cuda_limits(const char* op, const MpaGeometry& g) {
-  TORCH_CHECK(g.d <= cuda::kMpaMaxHeadDim, op, ": the CUDA kernel supports head dim D <= ", cuda::kMpaMaxHeadDim,
-              ", got q of shape [", g.b, ", ", g.h, ", ", g.l, ", ", g.d, "]");
-  TORCH_CHECK(g.l <= 65535LL * 4, op, ": sequence length L = ", g.l, " is too long for the CUDA kernel");
+  TORCH_CHECK(g.d >= 1 && g.d <= cuda::kMpaMaxHeadDim, op, ": the CUDA kernel supports head dim D (q.size(3)) in [1, ",
+              cuda::kMpaMaxHeadDim, "], got q of shape [", g.b, ", ", g.h, ", ", g.l, ", ", g.d,
+              "] (use the cpp or torch backend)");
+  TORCH_CHECK(g.b >= 1 && g.h >= 1 && g.l >= 1, op, ": q must have B, H, L >= 1, got q of shape [", g.b, ", ", g.h,
+              ", ", g.l, ", ", g.d, "]");
+  TORCH_CHECK(g.l <= cuda::kMpaMaxSeqLen, op, ": the CUDA kernel supports sequence length L (q.size(2)) <= ",
+              cuda::kMpaMaxSeqLen, " (its grid and int32 visible-index lists), got L = ", g.l);
+  TORCH_CHECK(g.b <= cuda::kMpaMaxGridBlocks / g.h, op, ": B * H = ", g.b, " * ", g.h,
+              " of q is too large for the CUDA kernel's grid (limit ", cuda::kMpaMaxGridBlocks, ")");
+  const int64_t row_blocks = (g.l + cuda::kMpaRowsPerBlock - 1) / cuda::kMpaRowsPerBlock;
+  TORCH_CHECK(g.b * g.h <= cuda::kMpaMaxGridBlocks / row_blocks, op, ": q of shape [", g.b, ", ", g.h, ", ", g.l,
+              ", ", g.d, "] needs B * H * ceil(L / ", cuda::kMpaRowsPerBlock,
+              ") blocks, more than the CUDA kernel's grid limit ", cuda::kMpaMaxGridBlocks);
 }
 
 // (vis [B, L] int32 visible-first, count [B] int32), or undefined tensors for keep = None.

@@ -64,24 +64,34 @@ MAEP_INLINE void scatter_patch(S* img, const PrlGeometry& g, int64_t l, const co
   }
 }
 
-// In place t -> (t - mean) / sqrt(var_unbiased + 1e-6); returns the std.
+// Per-patch mean and std sqrt(var_unbiased + 1e-6) of t[0..dim), in one pass: sums of the values
+// shifted by t[0] (so the variance does not cancel catastrophically), accumulated in fp64.
+// dim == 1: 0/0 = NaN, like torch.var's unbiased estimate of one element.
 template <typename C>
-MAEP_INLINE C normalize_in_place(C* t, int64_t dim) {
-  double s = 0.0;
-#pragma omp simd reduction(+ : s)
-  for (int64_t j = 0; j < dim; ++j) s += static_cast<double>(t[j]);
-  const C mean = static_cast<C>(s / static_cast<double>(dim));
-  double ss = 0.0;
-#pragma omp simd reduction(+ : ss)
+struct PatchStats {
+  C mean, sd;
+};
+template <typename C>
+MAEP_INLINE PatchStats<C> patch_stats(const C* t, int64_t dim) {
+  const double k = static_cast<double>(t[0]);
+  double s = 0.0, ss = 0.0;
+#pragma omp simd reduction(+ : s, ss)
   for (int64_t j = 0; j < dim; ++j) {
-    const double d = static_cast<double>(t[j] - mean);
+    const double d = static_cast<double>(t[j]) - k;
+    s += d;
     ss += d * d;
   }
-  // dim == 1: 0/0 = NaN, like torch.var's unbiased estimate of one element.
-  const C var = static_cast<C>(ss / static_cast<double>(dim - 1));
-  const C sd = std::sqrt(var + static_cast<C>(1e-6));
-  for (int64_t j = 0; j < dim; ++j) t[j] = (t[j] - mean) / sd;
-  return sd;
+  const double md = s / static_cast<double>(dim);  // mean - k
+  const C var = static_cast<C>((ss - s * md) / static_cast<double>(dim - 1));
+  return {static_cast<C>(k + md), std::sqrt(var + static_cast<C>(1e-6))};
+}
+
+// In place t -> (t - mean) / sd; returns sd.
+template <typename C>
+MAEP_INLINE C normalize_in_place(C* t, int64_t dim) {
+  const PatchStats<C> st = patch_stats<C>(t, dim);
+  for (int64_t j = 0; j < dim; ++j) t[j] = (t[j] - st.mean) / st.sd;
+  return st.sd;
 }
 
 // ---- forward: err[n*L + l] for patches [i0, i1) ----------------------------
@@ -96,19 +106,21 @@ MAEP_INLINE void prl_fwd_chunk_impl(const S* pred, const S* imgs, const PrlGeome
   for (int64_t i = i0; i < i1; ++i) {
     const int64_t n = i / g.length, l = i % g.length;
     gather_patch<S>(imgs + n * img_stride, g, l, t);
-    if (norm_pix) normalize_in_place<C>(t, dim);
+    // The normalization is folded into the error pass: target = (t - mean) / sd.
+    PatchStats<C> st{C(0), C(1)};
+    if (norm_pix) st = patch_stats<C>(t, dim);
     const S* pr = pred + i * dim;
     double acc = 0.0;
     if (p == 2) {
 #pragma omp simd reduction(+ : acc)
       for (int64_t j = 0; j < dim; ++j) {
-        const C d = cpu::ld(pr[j]) - t[j];
+        const C d = cpu::ld(pr[j]) - (t[j] - st.mean) / st.sd;
         acc += static_cast<double>(d * d);
       }
     } else {
 #pragma omp simd reduction(+ : acc)
       for (int64_t j = 0; j < dim; ++j) {
-        const C d = cpu::ld(pr[j]) - t[j];
+        const C d = cpu::ld(pr[j]) - (t[j] - st.mean) / st.sd;
         acc += static_cast<double>(std::abs(d));
       }
     }
@@ -201,13 +213,18 @@ MAEP_DEFINE_PRL(c10::BFloat16, bf16)
 
 int64_t patch_grain(int64_t dim) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(dim, 1)); }
 
-// Mask as contiguous fp64 [N, L] (empty vector: no mask).
+// Mask as fp64 [N, L] (empty vector: no mask), read in its own dtype: no conversion op and no
+// temporary tensor per call.
 std::vector<double> mask_values(const c10::optional<at::Tensor>& mask) {
   std::vector<double> out;
   if (!mask.has_value() || !mask->defined()) return out;
-  const at::Tensor m = mask->to(at::kDouble).contiguous();
-  const double* mp = m.const_data_ptr<double>();
-  out.assign(mp, mp + m.numel());
+  const at::Tensor m = mask->contiguous();
+  out.resize(m.numel());
+  AT_DISPATCH_ALL_TYPES_AND3(at::kHalf, at::kBFloat16, at::kBool, m.scalar_type(), "maep_fast::patch_recon_loss mask",
+                             [&] {
+                               const scalar_t* mp = m.const_data_ptr<scalar_t>();
+                               for (size_t i = 0; i < out.size(); ++i) out[i] = static_cast<double>(mp[i]);
+                             });
   return out;
 }
 

@@ -5,26 +5,36 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <cmath>
 #include <string_view>
 
 namespace maep_fast {
 
+// step size / eps of one call: a [B] tensor (overload .default) or one number for every
+// sample (overload .scalar; `tensor` is nullptr). The kernels read `values`, else `value`.
+struct PgdScalarArg {
+  const at::Tensor* tensor;
+  double value;
+};
+
 // Validates every argument of pgd_step / pgd_step_ and returns true for
 // norm == "l2", false for norm == "linf". `op` names the op in messages.
+// Only metadata is checked: per-sample tensors are not read on the host (that would
+// synchronize a CUDA stream); their values are the caller's to validate (the Python API checks
+// numbers, and data at its edges).
 inline bool check_pgd_step_args(
     const char* op,
     c10::DeviceType device_type,
     const at::Tensor& x,
     const at::Tensor& grad,
     const at::Tensor& x0,
-    const at::Tensor& step_size,
-    const at::Tensor& eps,
+    PgdScalarArg step_size,
+    PgdScalarArg eps,
     std::string_view norm,
     int64_t direction,
     double clamp_min,
     double clamp_max) {
-  TORCH_CHECK(x.defined() && grad.defined() && x0.defined() && step_size.defined() && eps.defined(),
-              op, ": x, grad, x0, step_size and eps must all be defined tensors");
+  TORCH_CHECK(x.defined() && grad.defined() && x0.defined(), op, ": x, grad and x0 must all be defined tensors");
   TORCH_CHECK(x.device().type() == device_type, op, ": x must be on ", c10::DeviceTypeName(device_type),
               " for this kernel, got ", x.device());
   const auto st = x.scalar_type();
@@ -45,8 +55,15 @@ inline bool check_pgd_step_args(
 
   const int64_t batch = x.size(0);
   const auto ct = st == at::kDouble ? at::kDouble : at::kFloat;  // compute dtype
-  for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{step_size, "step_size"},
-                                std::pair<const at::Tensor&, const char*>{eps, "eps"}}) {
+  for (const auto& [arg, name] : {std::pair<PgdScalarArg, const char*>{step_size, "step_size"},
+                                  std::pair<PgdScalarArg, const char*>{eps, "eps"}}) {
+    if (arg.tensor == nullptr) {
+      TORCH_CHECK(std::isfinite(arg.value) && arg.value >= 0.0, op, ": ", name,
+                  " must be a finite number >= 0, got ", arg.value);
+      continue;
+    }
+    const at::Tensor& t = *arg.tensor;
+    TORCH_CHECK(t.defined(), op, ": ", name, " must be a defined tensor");
     TORCH_CHECK(t.dim() == 1 && t.size(0) == batch, op, ": ", name, " must have shape [", batch,
                 "] (one value per sample), got ", t.sizes());
     TORCH_CHECK(t.scalar_type() == ct, op, ": ", name, " must have dtype ", ct, " for x of dtype ", st,

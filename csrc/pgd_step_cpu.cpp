@@ -218,9 +218,17 @@ MAEP_INLINE C l2_factor(double sumsq_d, C e) {
   return dn > e ? e / nan_max(dn, static_cast<C>(1e-12)) : C(1);
 }
 
+// step size / eps of sample b: the [B] array when given, else the one number.
+template <typename C>
+struct PerSample {
+  const C* values;
+  C scalar;
+  C operator[](int64_t b) const { return values != nullptr ? values[b] : scalar; }
+};
+
 template <typename S>
-void pgd_step_kernel(const S* x, const S* g, const S* x0, S* out, const typename Runs<S>::compute_t* step,
-                     const typename Runs<S>::compute_t* eps, int64_t batch, int64_t n, bool l2, int64_t direction,
+void pgd_step_kernel(const S* x, const S* g, const S* x0, S* out, PerSample<typename Runs<S>::compute_t> step,
+                     PerSample<typename Runs<S>::compute_t> eps, int64_t batch, int64_t n, bool l2, int64_t direction,
                      double clamp_min, double clamp_max) {
   using C = typename Runs<S>::compute_t;
   using R = Runs<S>;
@@ -282,8 +290,13 @@ void pgd_step_kernel(const S* x, const S* g, const S* x0, S* out, const typename
   }
 }
 
-void run_pgd_step(const at::Tensor& x, const at::Tensor& grad, const at::Tensor& x0, const at::Tensor& step_size,
-                  const at::Tensor& eps, const at::Tensor& out, bool l2, int64_t direction, double clamp_min,
+template <typename C>
+PerSample<C> per_sample(PgdScalarArg a) {
+  return {a.tensor == nullptr ? nullptr : a.tensor->const_data_ptr<C>(), static_cast<C>(a.value)};
+}
+
+void run_pgd_step(const at::Tensor& x, const at::Tensor& grad, const at::Tensor& x0, PgdScalarArg step_size,
+                  PgdScalarArg eps, const at::Tensor& out, bool l2, int64_t direction, double clamp_min,
                   double clamp_max) {
   const int64_t batch = x.size(0);
   const int64_t n = batch == 0 ? 0 : x.numel() / batch;
@@ -291,27 +304,54 @@ void run_pgd_step(const at::Tensor& x, const at::Tensor& grad, const at::Tensor&
     using C = typename Runs<scalar_t>::compute_t;
     pgd_step_kernel<scalar_t>(x.const_data_ptr<scalar_t>(), grad.const_data_ptr<scalar_t>(),
                               x0.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
-                              step_size.const_data_ptr<C>(), eps.const_data_ptr<C>(), batch, n, l2, direction,
-                              clamp_min, clamp_max);
+                              per_sample<C>(step_size), per_sample<C>(eps), batch, n, l2, direction, clamp_min,
+                              clamp_max);
   });
 }
 
-at::Tensor pgd_step_cpu(const at::Tensor& x, const at::Tensor& grad, const at::Tensor& x0,
-                        const at::Tensor& step_size, const at::Tensor& eps, c10::string_view norm, int64_t direction,
+at::Tensor pgd_step_run(const char* op, const at::Tensor& x, const at::Tensor& grad, const at::Tensor& x0,
+                        PgdScalarArg step_size, PgdScalarArg eps, c10::string_view norm, int64_t direction,
                         double clamp_min, double clamp_max) {
-  const bool l2 = check_pgd_step_args("maep_fast::pgd_step", c10::DeviceType::CPU, x, grad, x0, step_size, eps,
-                                      norm, direction, clamp_min, clamp_max);
+  const bool l2 = check_pgd_step_args(op, c10::DeviceType::CPU, x, grad, x0, step_size, eps, norm, direction,
+                                      clamp_min, clamp_max);
   at::Tensor out = at::empty_like(x, at::MemoryFormat::Contiguous);
   run_pgd_step(x, grad, x0, step_size, eps, out, l2, direction, clamp_min, clamp_max);
   return out;
 }
 
+void pgd_step_run_(const char* op, const at::Tensor& x, const at::Tensor& grad, const at::Tensor& x0,
+                   PgdScalarArg step_size, PgdScalarArg eps, c10::string_view norm, int64_t direction,
+                   double clamp_min, double clamp_max) {
+  const bool l2 = check_pgd_step_args(op, c10::DeviceType::CPU, x, grad, x0, step_size, eps, norm, direction,
+                                      clamp_min, clamp_max);
+  run_pgd_step(x, grad, x0, step_size, eps, x, l2, direction, clamp_min, clamp_max);
+}
+
+at::Tensor pgd_step_cpu(const at::Tensor& x, const at::Tensor& grad, const at::Tensor& x0,
+                        const at::Tensor& step_size, const at::Tensor& eps, c10::string_view norm, int64_t direction,
+                        double clamp_min, double clamp_max) {
+  return pgd_step_run("maep_fast::pgd_step", x, grad, x0, {&step_size, 0.0}, {&eps, 0.0}, norm, direction,
+                      clamp_min, clamp_max);
+}
+
+at::Tensor pgd_step_scalar_cpu(const at::Tensor& x, const at::Tensor& grad, const at::Tensor& x0, double step_size,
+                               double eps, c10::string_view norm, int64_t direction, double clamp_min,
+                               double clamp_max) {
+  return pgd_step_run("maep_fast::pgd_step.scalar", x, grad, x0, {nullptr, step_size}, {nullptr, eps}, norm,
+                      direction, clamp_min, clamp_max);
+}
+
 void pgd_step_cpu_(const at::Tensor& x, const at::Tensor& grad, const at::Tensor& x0, const at::Tensor& step_size,
                    const at::Tensor& eps, c10::string_view norm, int64_t direction, double clamp_min,
                    double clamp_max) {
-  const bool l2 = check_pgd_step_args("maep_fast::pgd_step_", c10::DeviceType::CPU, x, grad, x0, step_size, eps,
-                                      norm, direction, clamp_min, clamp_max);
-  run_pgd_step(x, grad, x0, step_size, eps, x, l2, direction, clamp_min, clamp_max);
+  pgd_step_run_("maep_fast::pgd_step_", x, grad, x0, {&step_size, 0.0}, {&eps, 0.0}, norm, direction, clamp_min,
+                clamp_max);
+}
+
+void pgd_step_scalar_cpu_(const at::Tensor& x, const at::Tensor& grad, const at::Tensor& x0, double step_size,
+                          double eps, c10::string_view norm, int64_t direction, double clamp_min, double clamp_max) {
+  pgd_step_run_("maep_fast::pgd_step_.scalar", x, grad, x0, {nullptr, step_size}, {nullptr, eps}, norm, direction,
+                clamp_min, clamp_max);
 }
 
 }  // namespace
@@ -319,6 +359,8 @@ void pgd_step_cpu_(const at::Tensor& x, const at::Tensor& grad, const at::Tensor
 TORCH_LIBRARY_IMPL(maep_fast, CPU, m) {
   m.impl("pgd_step", &pgd_step_cpu);
   m.impl("pgd_step_", &pgd_step_cpu_);
+  m.impl("pgd_step.scalar", &pgd_step_scalar_cpu);
+  m.impl("pgd_step_.scalar", &pgd_step_scalar_cpu_);
 }
 
 }  // namespace maep_fast

@@ -33,8 +33,10 @@ cuda::PgdDType to_kernel_dtype(at::ScalarType st) {
   }
 }
 
-void launch(const at::Tensor& x, const at::Tensor& grad, const at::Tensor& x0, const at::Tensor& step_size,
-            const at::Tensor& eps, const at::Tensor& out, bool l2, int64_t direction, double clamp_min,
+const void* values_or_null(PgdScalarArg a) { return a.tensor == nullptr ? nullptr : a.tensor->const_data_ptr(); }
+
+void launch(const at::Tensor& x, const at::Tensor& grad, const at::Tensor& x0, PgdScalarArg step_size,
+            PgdScalarArg eps, const at::Tensor& out, bool l2, int64_t direction, double clamp_min,
             double clamp_max) {
   const int64_t batch = x.size(0);
   const int64_t n = batch == 0 ? 0 : x.numel() / batch;
@@ -42,28 +44,56 @@ void launch(const at::Tensor& x, const at::Tensor& grad, const at::Tensor& x0, c
   const c10::cuda::CUDAGuard guard(x.device());
   const cudaError_t err = cuda::launch_pgd_step(
       to_kernel_dtype(x.scalar_type()), x.const_data_ptr(), grad.const_data_ptr(), x0.const_data_ptr(),
-      out.mutable_data_ptr(), step_size.const_data_ptr(), eps.const_data_ptr(), batch, n,
+      out.mutable_data_ptr(), values_or_null(step_size), step_size.value, values_or_null(eps), eps.value, batch, n,
       l2 ? cuda::PgdNorm::kL2 : cuda::PgdNorm::kLinf, static_cast<int>(direction), clamp_min, clamp_max,
       c10::cuda::getCurrentCUDAStream(x.device().index()).stream());
   C10_CUDA_CHECK(err);
 }
 
-at::Tensor pgd_step_cuda(const at::Tensor& x, const at::Tensor& grad, const at::Tensor& x0,
-                         const at::Tensor& step_size, const at::Tensor& eps, c10::string_view norm,
-                         int64_t direction, double clamp_min, double clamp_max) {
-  const bool l2 = check_pgd_step_args("maep_fast::pgd_step", c10::DeviceType::CUDA, x, grad, x0, step_size, eps,
-                                      norm, direction, clamp_min, clamp_max);
+at::Tensor pgd_step_run(const char* op, const at::Tensor& x, const at::Tensor& grad, const at::Tensor& x0,
+                        PgdScalarArg step_size, PgdScalarArg eps, c10::string_view norm, int64_t direction,
+                        double clamp_min, double clamp_max) {
+  const bool l2 = check_pgd_step_args(op, c10::DeviceType::CUDA, x, grad, x0, step_size, eps, norm, direction,
+                                      clamp_min, clamp_max);
   at::Tensor out = at::empty_like(x, at::MemoryFormat::Contiguous);
   launch(x, grad, x0, step_size, eps, out, l2, direction, clamp_min, clamp_max);
   return out;
 }
 
+void pgd_step_run_(const char* op, const at::Tensor& x, const at::Tensor& grad, const at::Tensor& x0,
+                   PgdScalarArg step_size, PgdScalarArg eps, c10::string_view norm, int64_t direction,
+                   double clamp_min, double clamp_max) {
+  const bool l2 = check_pgd_step_args(op, c10::DeviceType::CUDA, x, grad, x0, step_size, eps, norm, direction,
+                                      clamp_min, clamp_max);
+  launch(x, grad, x0, step_size, eps, x, l2, direction, clamp_min, clamp_max);
+}
+
+at::Tensor pgd_step_cuda(const at::Tensor& x, const at::Tensor& grad, const at::Tensor& x0,
+                         const at::Tensor& step_size, const at::Tensor& eps, c10::string_view norm,
+                         int64_t direction, double clamp_min, double clamp_max) {
+  return pgd_step_run("maep_fast::pgd_step", x, grad, x0, {&step_size, 0.0}, {&eps, 0.0}, norm, direction,
+                      clamp_min, clamp_max);
+}
+
+at::Tensor pgd_step_scalar_cuda(const at::Tensor& x, const at::Tensor& grad, const at::Tensor& x0, double step_size,
+                                double eps, c10::string_view norm, int64_t direction, double clamp_min,
+                                double clamp_max) {
+  return pgd_step_run("maep_fast::pgd_step.scalar", x, grad, x0, {nullptr, step_size}, {nullptr, eps}, norm,
+                      direction, clamp_min, clamp_max);
+}
+
 void pgd_step_cuda_(const at::Tensor& x, const at::Tensor& grad, const at::Tensor& x0, const at::Tensor& step_size,
                     const at::Tensor& eps, c10::string_view norm, int64_t direction, double clamp_min,
                     double clamp_max) {
-  const bool l2 = check_pgd_step_args("maep_fast::pgd_step_", c10::DeviceType::CUDA, x, grad, x0, step_size, eps,
-                                      norm, direction, clamp_min, clamp_max);
-  launch(x, grad, x0, step_size, eps, x, l2, direction, clamp_min, clamp_max);
+  pgd_step_run_("maep_fast::pgd_step_", x, grad, x0, {&step_size, 0.0}, {&eps, 0.0}, norm, direction, clamp_min,
+                clamp_max);
+}
+
+void pgd_step_scalar_cuda_(const at::Tensor& x, const at::Tensor& grad, const at::Tensor& x0, double step_size,
+                           double eps, c10::string_view norm, int64_t direction, double clamp_min,
+                           double clamp_max) {
+  pgd_step_run_("maep_fast::pgd_step_.scalar", x, grad, x0, {nullptr, step_size}, {nullptr, eps}, norm, direction,
+                clamp_min, clamp_max);
 }
 
 }  // namespace
@@ -71,6 +101,8 @@ void pgd_step_cuda_(const at::Tensor& x, const at::Tensor& grad, const at::Tenso
 TORCH_LIBRARY_IMPL(maep_fast, CUDA, m) {
   m.impl("pgd_step", &pgd_step_cuda);
   m.impl("pgd_step_", &pgd_step_cuda_);
+  m.impl("pgd_step.scalar", &pgd_step_scalar_cuda);
+  m.impl("pgd_step_.scalar", &pgd_step_scalar_cuda_);
 }
 
 }  // namespace maep_fast

@@ -20,6 +20,14 @@ TORCH_LIBRARY(maep_fast, m) {
   m.def(
       "pgd_step_(Tensor(a!) x, Tensor grad, Tensor x0, Tensor step_size, Tensor eps, str norm, int direction, "
       "float clamp_min, float clamp_max) -> ()");
+  // The same with one step_size / eps for every sample, as numbers: the eager loops' call
+  // (nothing allocated or copied per call for them).
+  m.def(
+      "pgd_step.scalar(Tensor x, Tensor grad, Tensor x0, float step_size, float eps, str norm, int direction, "
+      "float clamp_min, float clamp_max) -> Tensor");
+  m.def(
+      "pgd_step_.scalar(Tensor(a!) x, Tensor grad, Tensor x0, float step_size, float eps, str norm, "
+      "int direction, float clamp_min, float clamp_max) -> ()");
 
   // Fused patchify + per-patch normalization + |pred - target|^p + mask
   // weighting + reduction ('mean' | 'sum' | 'per_sample' | 'none'); output in

@@ -7,7 +7,11 @@
 // first (ascending), count [B] int32 their number; vis == nullptr means every
 // patch is visible (keep = None). Only visible rows are read or written:
 // the caller zero-fills out / lse / dq / dk / dv for hidden rows.
-// D <= kMpaMaxHeadDim.
+// fp16 / bf16 run on tensor cores (mma.sync m16n8k16, sm_80+), fp32 on exact
+// scalar kernels. Limits (the launchers return cudaErrorInvalidValue beyond
+// them; the torch glue refuses such inputs first, naming the argument):
+// B, H, L >= 1, 1 <= D <= kMpaMaxHeadDim, L <= kMpaMaxSeqLen,
+// B*H*ceil(L / kMpaRowsPerBlock) <= kMpaMaxGridBlocks.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -20,6 +24,9 @@ namespace cuda {
 enum class MpaDType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
 constexpr int kMpaMaxHeadDim = 128;
+constexpr int64_t kMpaMaxSeqLen = 65535LL * 4;          // grid.y of the per-row kernels: ceil(L / 4) <= 65535
+constexpr int64_t kMpaRowsPerBlock = 64;                // rows per block of the tensor-core kernels
+constexpr int64_t kMpaMaxGridBlocks = 2147483647LL;     // grid.x limit
 
 struct MpaShape {
   int64_t b, h, l, d;

@@ -81,7 +81,7 @@ __device__ __forceinline__ C block_sum(C v, C* shm) {
 template <typename T, typename S>
 __global__ void __launch_bounds__(kThreads) pgd_linf_kernel(const T* x, const T* __restrict__ g,
                                                              const T* __restrict__ x0, T* out,
-                                                             const S* __restrict__ step, const S* __restrict__ eps,
+                                                             PerSample<S> step, PerSample<S> eps,
                                                              int64_t batch, int64_t n, int direction, double cmin,
                                                              double cmax) {
   using C = typename Cvt<T>::C;
@@ -104,7 +104,7 @@ __global__ void __launch_bounds__(kThreads) pgd_linf_kernel(const T* x, const T*
 template <typename T, typename S>
 __global__ void __launch_bounds__(kThreads) pgd_l2_kernel(const T* x, const T* __restrict__ g,
                                                            const T* __restrict__ x0, T* out,
-                                                           const S* __restrict__ step, const S* __restrict__ eps,
+                                                           PerSample<S> step, PerSample<S> eps,
                                                            int64_t batch, int64_t n, int direction, double cmin,
                                                            double cmax) {
   using C = typename Cvt<T>::C;
@@ -146,16 +146,15 @@ __global__ void __launch_bounds__(kThreads) pgd_l2_kernel(const T* x, const T* _
 }  // namespace
 
 template <typename T, typename S>
-cudaError_t launch_pgd_step_typed(const T* x, const T* grad, const T* x0, T* out, const S* step_size,
-                                  const S* eps, int64_t batch, int64_t per_sample, PgdNorm norm, int direction,
+cudaError_t launch_pgd_step_typed(const T* x, const T* grad, const T* x0, T* out, PerSample<S> step_size,
+                                  PerSample<S> eps, int64_t batch, int64_t per_sample, PgdNorm norm, int direction,
                                   double clamp_min, double clamp_max, cudaStream_t stream) {
   static_assert(std::is_same<S, typename Cvt<T>::C>::value, "step/eps must be in the compute dtype");
   if (batch < 0 || per_sample < 0 || (direction != 1 && direction != -1) || !(clamp_min <= clamp_max)) {
     return cudaErrorInvalidValue;
   }
   if (batch == 0 || per_sample == 0) return cudaSuccess;
-  if (x == nullptr || grad == nullptr || x0 == nullptr || out == nullptr || step_size == nullptr ||
-      eps == nullptr) {
+  if (x == nullptr || grad == nullptr || x0 == nullptr || out == nullptr) {
     return cudaErrorInvalidValue;
   }
   if (norm == PgdNorm::kLinf) {
@@ -176,43 +175,46 @@ cudaError_t launch_pgd_step_typed(const T* x, const T* grad, const T* x0, T* out
 }
 
 template cudaError_t launch_pgd_step_typed<float, float>(const float*, const float*, const float*, float*,
-                                                         const float*, const float*, int64_t, int64_t, PgdNorm,
+                                                         PerSample<float>, PerSample<float>, int64_t, int64_t, PgdNorm,
                                                          int, double, double, cudaStream_t);
 template cudaError_t launch_pgd_step_typed<__half, float>(const __half*, const __half*, const __half*, __half*,
-                                                          const float*, const float*, int64_t, int64_t, PgdNorm,
+                                                          PerSample<float>, PerSample<float>, int64_t, int64_t, PgdNorm,
                                                           int, double, double, cudaStream_t);
 template cudaError_t launch_pgd_step_typed<__nv_bfloat16, float>(const __nv_bfloat16*, const __nv_bfloat16*,
-                                                                 const __nv_bfloat16*, __nv_bfloat16*, const float*,
-                                                                 const float*, int64_t, int64_t, PgdNorm, int,
+                                                                 const __nv_bfloat16*, __nv_bfloat16*, PerSample<float>, PerSample<float>, int64_t, int64_t, PgdNorm, int,
                                                                  double, double, cudaStream_t);
 template cudaError_t launch_pgd_step_typed<double, double>(const double*, const double*, const double*, double*,
-                                                           const double*, const double*, int64_t, int64_t,
-                                                           PgdNorm, int, double, double, cudaStream_t);
+                                                           PerSample<double>, PerSample<double>, int64_t, int64_t, PgdNorm, int, double, double, cudaStream_t);
 
 cudaError_t launch_pgd_step(PgdDType dtype, const void* x, const void* grad, const void* x0, void* out,
-                            const void* step_size, const void* eps, int64_t batch, int64_t per_sample,
+                            const void* step_size, double step_value, const void* eps, double eps_value,
+                            int64_t batch, int64_t per_sample,
                             PgdNorm norm, int direction, double clamp_min, double clamp_max, cudaStream_t stream) {
   switch (dtype) {
     case PgdDType::kFloat32:
       return launch_pgd_step_typed<float, float>(
           static_cast<const float*>(x), static_cast<const float*>(grad), static_cast<const float*>(x0),
-          static_cast<float*>(out), static_cast<const float*>(step_size), static_cast<const float*>(eps), batch,
+          static_cast<float*>(out), PerSample<float>{static_cast<const float*>(step_size), static_cast<float>(step_value)},
+          PerSample<float>{static_cast<const float*>(eps), static_cast<float>(eps_value)}, batch,
           per_sample, norm, direction, clamp_min, clamp_max, stream);
     case PgdDType::kFloat16:
       return launch_pgd_step_typed<__half, float>(
           static_cast<const __half*>(x), static_cast<const __half*>(grad), static_cast<const __half*>(x0),
-          static_cast<__half*>(out), static_cast<const float*>(step_size), static_cast<const float*>(eps), batch,
+          static_cast<__half*>(out), PerSample<float>{static_cast<const float*>(step_size), static_cast<float>(step_value)},
+          PerSample<float>{static_cast<const float*>(eps), static_cast<float>(eps_value)}, batch,
           per_sample, norm, direction, clamp_min, clamp_max, stream);
     case PgdDType::kBFloat16:
       return launch_pgd_step_typed<__nv_bfloat16, float>(
           static_cast<const __nv_bfloat16*>(x), static_cast<const __nv_bfloat16*>(grad),
           static_cast<const __nv_bfloat16*>(x0), static_cast<__nv_bfloat16*>(out),
-          static_cast<const float*>(step_size), static_cast<const float*>(eps), batch, per_sample, norm, direction,
+          PerSample<float>{static_cast<const float*>(step_size), static_cast<float>(step_value)},
+          PerSample<float>{static_cast<const float*>(eps), static_cast<float>(eps_value)}, batch, per_sample, norm, direction,
           clamp_min, clamp_max, stream);
     case PgdDType::kFloat64:
       return launch_pgd_step_typed<double, double>(
           static_cast<const double*>(x), static_cast<const double*>(grad), static_cast<const double*>(x0),
-          static_cast<double*>(out), static_cast<const double*>(step_size), static_cast<const double*>(eps), batch,
+          static_cast<double*>(out), PerSample<double>{static_cast<const double*>(step_size), static_cast<double>(step_value)},
+          PerSample<double>{static_cast<const double*>(eps), static_cast<double>(eps_value)}, batch,
           per_sample, norm, direction, clamp_min, clamp_max, stream);
   }
   return cudaErrorInvalidValue;

@@ -52,7 +52,8 @@ def check_images(
     value_range: tuple[float, float] | None = (0.0, 1.0),
     device: torch.device | None = None,
 ) -> torch.Tensor:
-    """Validate an image batch [N, C, H, W] with pixels in ``value_range``."""
+    """Validate an image batch [N, C, H, W] with pixels in ``value_range`` (metadata, then
+    ``check_pixels``: one host sync)."""
     x = check_tensor(x, name, ndim=4)
     n, c, h, w = x.shape
     if channels is not None and c != channels:
@@ -61,16 +62,26 @@ def check_images(
         raise ValueError(f"{name} must be {size[0]}x{size[1]} pixels, got {h}x{w}")
     if device is not None and x.device.type != torch.device(device).type:
         raise ValueError(f"{name} is on {x.device}, expected {device}")
-    check_finite(x, name)
-    if value_range is not None:
-        lo, hi = value_range
-        xd = x.detach()
-        xmin, xmax = float(xd.min()), float(xd.max())
-        if xmin < lo - 1e-6 or xmax > hi + 1e-6:
-            raise ValueError(
-                f"{name} must hold pixel values in [{lo}, {hi}], got values in [{xmin:.4g}, {xmax:.4g}]"
-            )
+    check_pixels(x, name, value_range)
     return x
+
+
+def check_pixels(x: torch.Tensor, name: str = "x", value_range: tuple[float, float] | None = (0.0, 1.0)) -> None:
+    """The data-dependent image checks (finite values, pixels in ``value_range``), with one host
+    synchronization: run once at an API edge (``Purifier.purify``, ``MAEPure.purify``, the attack
+    entry points), never inside an op or an iteration."""
+    xd = x.detach()
+    if value_range is None:
+        if not bool(torch.isfinite(xd).all()):
+            raise ValueError(f"{name} contains NaN or Inf values")
+        return
+    lo, hi = value_range
+    mn, mx = torch.aminmax(xd)
+    finite, xmin, xmax = torch.stack([torch.isfinite(xd).all().to(mn.dtype), mn, mx]).tolist()  # one sync
+    if not finite:
+        raise ValueError(f"{name} contains NaN or Inf values")
+    if xmin < lo - 1e-6 or xmax > hi + 1e-6:
+        raise ValueError(f"{name} must hold pixel values in [{lo}, {hi}], got values in [{xmin:.4g}, {xmax:.4g}]")
 
 
 def check_same_device(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor) -> None:

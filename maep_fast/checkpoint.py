@@ -17,6 +17,7 @@ import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from maep_fast._ranks import is_main_process
 from maep_fast.models.classifiers import CLASSIFIERS
 from maep_fast.models.mae import MaskedAutoencoderViT
 
@@ -49,8 +50,6 @@ def save_model(model: nn.Module, path: str | Path, meta: dict | None = None) -> 
     check the model and return ``path`` without touching the disk (no
     barrier here, so calling it on rank 0 alone is fine too).
     """
-    from maep_fast.train.distributed import is_main_process  # lazy: maep_fast.train imports this module
-
     kind, arch = _kind_and_arch(model)
     if any("lora_" in k for k in model.state_dict()):
         raise ValueError("model still holds LoRA adapters; call maep_fast.models.remove_lora(model) before saving")

@@ -19,6 +19,18 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
 @pytest.fixture(autouse=True)
+def _fresh_backend_resolution():
+    """Tests monkeypatch what backend resolution reads (native availability, the registry); the
+    per-process cache of resolved backends (ops/_dispatch.py) must not carry one test's answer
+    into the next."""
+    from maep_fast.ops import _dispatch
+
+    _dispatch._RESOLVED.clear()
+    yield
+    _dispatch._RESOLVED.clear()
+
+
+@pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
     yield

@@ -108,7 +108,19 @@ def test_pgd_step_cuda_backend_reaches_the_native_op(monkeypatch, inplace):
 
     calls = []
     monkeypatch.setattr(mod, "resolve_backend", lambda op, backend, device: "cuda")
-    monkeypatch.setattr(mod, "_native_op", lambda name: (lambda x, *a: calls.append(name) or x.clone()))
+    class _Op:  # stands in for an OpOverload: called directly, or through its C++ entry ``_op``
+        def __init__(self, name):
+            self.name = name
+
+        def __call__(self, x, *a):
+            calls.append(self.name)
+            return x.clone()
+
+        @property
+        def _op(self):
+            return self
+
+    monkeypatch.setattr(mod, "_native", lambda name, per_sample: _Op(name))
     monkeypatch.setattr(mod, "pgd_step_reference", lambda *a: pytest.fail("reference used for backend='cuda'"))
     x = torch.rand(2, 3)
     fn = mod.pgd_step_ if inplace else mod.pgd_step

@@ -249,11 +249,14 @@ def test_mpa_cuda_rejects_what_it_cannot_run():
     from maep_fast.ops.masked_patch_attention import masked_patch_attention
 
     q = torch.randn(1, 1, 4, 16, device=DEV, dtype=torch.float64)
-    with pytest.raises(RuntimeError, match="float64"):
+    with pytest.raises(TypeError, match="float64"):
         masked_patch_attention(q, q, q, backend="cuda")
     q = torch.randn(1, 1, 4, 160, device=DEV)
-    with pytest.raises(RuntimeError, match="head dim"):
+    with pytest.raises(ValueError, match="head dim"):
         masked_patch_attention(q, q, q, backend="cuda")
+    # the native op itself refuses too (its C++ host checks), with a Python exception
+    with pytest.raises(RuntimeError, match="head dim"):
+        torch.ops.maep_fast.masked_patch_attention(q, q, q, None, 0.1)
 
 
 # ==========================================================================================

@@ -50,6 +50,66 @@ def test_static_buffer_path_matches_eager_on_cpu(mae, n_masks, halve):
     assert not pur._graphs  # nothing cached without capture
 
 
+def _assert_moves_in_half_steps(y, x, half, reach):
+    """Every pixel that can never touch [0, 1] during the run (further than ``reach``, the most all
+    steps can move it, from both ends) moved by a whole number of half steps. A pixel that was
+    clipped at 0 or 1 on the way continues from the bound, not from x + k * half: the first GPU
+    run's failure of this test (max 0.4965 of a half step) came from such pixels, counted by
+    an ``0 < y < 1`` filter, in the graph and the eager path alike."""
+    far = (x > reach + 1e-6) & (x < 1 - reach - 1e-6)
+    assert far.float().mean().item() > 0.5
+    k = (y - x)[far] / half
+    assert (k - k.round()).abs().max().item() < 1e-3
+
+
+@pytest.mark.parametrize("path", ["eager", "static_buffers"])
+def test_step_halving_on_cpu(mae, path):
+    """3 full + 3 half steps; the static-buffer path's step tensor holds 4/255, then 2/255."""
+    x = torch.rand(6, 1, 8, 8)
+    kw = dict(steps=6, step_size=4 / 255, eta=1.0, seed=1, halve_step=True)
+    pur = MAEPure(mae, **kw)
+    if path == "eager":
+        y = pur.purify(x)
+    else:
+        seen = []
+        real = pur._step_graph
+
+        def spy(x0, capture=True):
+            sg = real(x0, capture)
+            run = sg.run
+
+            def recording_run():
+                seen.append(sg.step.unique().tolist())
+                run()
+
+            sg.run = recording_run
+            return sg
+
+        pur._step_graph = spy
+        y = pur._purify_chunk_graph(x, pur._generator(x.device), capture=False)[0]
+        assert seen == [[pytest.approx(4 / 255)]] * 3 + [[pytest.approx(2 / 255)]] * 3
+    _assert_moves_in_half_steps(y, x, half=2 / 255, reach=18 / 255)
+    assert (y - x).abs().max().item() <= 18 / 255 + 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("path", ["eager", "static_buffers"])
+def test_any_accepted_dtype_reaches_the_model_in_its_dtype(mae, dtype, path):
+    """fp64 input used to reach the fp32 MAE as fp64 ('Input type (double) and bias type (float)')."""
+    x = torch.rand(3, 1, 8, 8).to(dtype)
+    pur = MAEPure(mae, steps=3, step_size=2 / 255, eta=3 / 255, seed=0)
+    if path == "eager":
+        y = pur.purify(x)
+    else:
+        y = pur._purify_chunk_graph(x, pur._generator(x.device), capture=False)[0]
+    assert y.dtype == dtype and y.shape == x.shape
+    tol = 1e-2 if dtype in (torch.float16, torch.bfloat16) else 1e-9
+    assert (y.double() - x.double()).abs().max().item() <= 3 / 255 + tol
+    y32 = MAEPure(mae, steps=3, step_size=2 / 255, eta=3 / 255, seed=0).purify(x.float())
+    if dtype == torch.float64:  # same masks, same model: the iterate's dtype only changes rounding
+        torch.testing.assert_close(y.float(), y32, atol=1e-5, rtol=0)
+
+
 # ------------------------------------------------------------------ GPU
 def _pair(model, x, **kw):
     eager = MAEPure(model, **kw).purify(x)
@@ -111,10 +171,7 @@ def test_graph_step_halving():
     _assert_close_mostly(yg_h, ye_h)
     _assert_close_mostly(yg_f, ye_f)
     assert (yg_h - yg_f).abs().max().item() > 1e-4  # the static step tensor was refilled
-    # every value moves by a multiple of step/2 from x (before [0, 1] clipping)
-    inside = (yg_h > 1e-6) & (yg_h < 1 - 1e-6)
-    k = (yg_h - x)[inside] / (2 / 255)
-    assert (k - k.round()).abs().max().item() < 1e-3
+    _assert_moves_in_half_steps(yg_h, x, half=2 / 255, reach=18 / 255)
     # 3 full + 3 half steps: total movement at most 3 * 4/255 + 3 * 2/255
     assert (yg_h - x).abs().max().item() <= 18 / 255 + 1e-5
 

@@ -240,6 +240,32 @@ def test_opcheck(norm, dtype):
     args = (x, g, x0, step.to(cd), eps.to(cd), norm, -1, 0.0, 1.0)
     torch.library.opcheck(torch.ops.maep_fast.pgd_step.default, args)
     torch.library.opcheck(torch.ops.maep_fast.pgd_step_.default, (x.clone(),) + args[1:])
+    sargs = (x, g, x0, 0.02, 0.05, norm, -1, 0.0, 1.0)  # the .scalar overload: numbers, no tensors
+    torch.library.opcheck(torch.ops.maep_fast.pgd_step.scalar, sargs)
+    torch.library.opcheck(torch.ops.maep_fast.pgd_step_.scalar, (x.clone(),) + sargs[1:])
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+@pytest.mark.parametrize("direction", [1, -1])
+@pytest.mark.parametrize("shape", [(1, 5), (7, 3, 5, 5), (2, 33)])
+def test_python_float_step_equals_the_per_sample_tensor_step(shape, direction, norm, dtype):
+    """Floats reach the native ``.scalar`` overload; it must equal the [B]-tensor overload bit for bit
+    (one number per sample is the same arithmetic), and numpy within the dtype's tolerance."""
+    x, g, x0, _, _ = make_inputs(shape, dtype)
+    cd = compute_dtype(dtype)
+    b = shape[0]
+    st, et = torch.full((b,), 3 / 255, dtype=cd), torch.full((b,), 5 / 255, dtype=cd)
+    by_tensor = pgd_step(x, g, x0, st, et, norm=norm, direction=direction, backend="cpp")
+    by_float = pgd_step(x, g, x0, 3 / 255, 5 / 255, norm=norm, direction=direction, backend="cpp")
+    assert torch.equal(by_float, by_tensor)
+    xi = x.clone()
+    pgd_step_(xi, g, x0, 3 / 255, 5 / 255, norm=norm, direction=direction, backend="cpp")
+    assert torch.equal(xi, by_tensor)
+    ref = pgd_step(x, g, x0, 3 / 255, 5 / 255, norm=norm, direction=direction, backend="torch")
+    tol = {torch.float64: 1e-12, torch.float32: 1e-6}.get(dtype, 1e-2)
+    torch.testing.assert_close(by_float.double(), ref.double(), rtol=tol, atol=tol)
 
 
 # ---------------------------------------------------------------- (e) torch.compile

@@ -239,9 +239,11 @@ def test_property_descent_opposes_gradient(case):
 @pytest.mark.parametrize("norm", ["linf", "l2"])
 def test_opcheck(norm):
     x, g, x0, step, eps = make_inputs((3, 2, 5), torch.float32)
-    args = (x, g, x0, step, eps, norm, -1, 0.0, 1.0)
-    torch.library.opcheck(torch.ops.maep_fast.pgd_step_triton.default, args)
-    torch.library.opcheck(torch.ops.maep_fast.pgd_step_triton_.default, (x.clone(),) + args[1:])
+    # per-sample tensors, then Python floats (step_size_t / eps_t None)
+    for tensors, floats in (((step, eps), (0.0, 0.0)), ((None, None), (0.02, 0.05))):
+        args = (x, g, x0, *tensors, *floats, norm, -1, 0.0, 1.0)
+        torch.library.opcheck(torch.ops.maep_fast.pgd_step_triton.default, args)
+        torch.library.opcheck(torch.ops.maep_fast.pgd_step_triton_.default, (x.clone(),) + args[1:])
 
 
 def test_torch_compile_fullgraph_matches_eager():

@@ -42,6 +42,7 @@ def register_backends(op: str, *backends: str) -> None:
         if b not in KNOWN_BACKENDS or b == "auto":
             raise ValueError(f"unknown backend {b!r}")
     IMPLEMENTED.setdefault(op, {"torch"}).update(backends)
+    _RESOLVED.clear()
 
 
 def triton_interpreted() -> bool:
@@ -49,6 +50,7 @@ def triton_interpreted() -> bool:
 
 
 _TRITON_ERROR: list[str] = []
+_RESOLVED: dict[tuple, str] = {}
 
 
 @torch.compiler.assume_constant_result
@@ -113,8 +115,38 @@ def requested_backend(backend: str) -> str:
     return backend
 
 
+# (op, backend, device type, AUTO_ORDER entry, MAEP_FAST_BACKEND, TRITON_INTERPRET) -> backend. Resolution
+# reads the registry and the native library, which do not change while a process runs; the two
+# environment variables that steer it are part of the key, so tests that set them still see the change.
+
+# os.environ.get encodes the name on every call (~0.7 us, half a torch.add on a tiny tensor); the
+# mapping it wraps is a plain dict of encoded names, read directly where the platform has it.
+_ENV_DATA = getattr(os.environ, "_data", None)
+if isinstance(_ENV_DATA, dict) and os.name == "posix":
+    _ENV_BACKEND, _ENV_INTERPRET = os.fsencode("MAEP_FAST_BACKEND"), os.fsencode("TRITON_INTERPRET")
+    _getenv = _ENV_DATA.get
+else:  # pragma: no cover - non-POSIX
+    _ENV_BACKEND, _ENV_INTERPRET = "MAEP_FAST_BACKEND", "TRITON_INTERPRET"
+    _getenv = os.environ.get
+
+
+@torch.compiler.assume_constant_result  # registry + environment: constant while torch.compile traces
 def resolve_backend(op: str, backend: str, device: torch.device) -> str:
-    """The concrete backend that will run ``op`` for tensors on ``device``."""
+    """The concrete backend that will run ``op`` for tensors on ``device``.
+
+    Cached per (op, backend, device type, environment): an op call pays one dict lookup here.
+    An explicitly requested backend that is not available raises every time (never cached).
+    """
+    dev = device.type
+    key = (op, backend, dev, AUTO_ORDER.get(dev), _getenv(_ENV_BACKEND), _getenv(_ENV_INTERPRET))
+    hit = _RESOLVED.get(key)
+    if hit is None:
+        hit = _resolve_uncached(op, backend, device)
+        _RESOLVED[key] = hit
+    return hit
+
+
+def _resolve_uncached(op: str, backend: str, device: torch.device) -> str:
     backend = requested_backend(backend)
     if backend == "auto":
         for cand in AUTO_ORDER.get(device.type, ("torch",)):
@@ -125,3 +157,8 @@ def resolve_backend(op: str, backend: str, device: torch.device) -> str:
     if why:
         raise RuntimeError(f"backend={backend!r} was requested for {op} but is not available: {why}")
     return backend
+
+
+def explicit_backend(backend: str) -> bool:
+    """True when the caller (or MAEP_FAST_BACKEND) named a backend: no silent fallback is allowed."""
+    return backend != "auto" or os.environ.get("MAEP_FAST_BACKEND", "auto") != "auto"

@@ -2,9 +2,10 @@
 
 Registers, for the C++ ops defined in ``csrc/registration.cpp``:
 
-- ``maep_fast::patch_recon_loss`` / ``patch_recon_loss_backward``: fakes, and
-  autograd on ``patch_recon_loss`` (gradients to ``pred`` and ``imgs``; the
-  mask gets none) through ``patch_recon_loss_backward``.
+- ``maep_fast::patch_recon_loss`` / ``patch_recon_loss_backward``: fakes only; the
+  autograd of ``patch_recon_loss`` (gradients to ``pred`` and ``imgs``; the mask gets
+  none) is a C++ autograd Function (csrc/patch_recon_loss_autograd.cpp), so a call that
+  needs no gradient runs no Python below the op.
 - ``maep_fast::masked_patch_attention`` (public, -> out): fake only; its
   autograd is a C++ autograd Function (csrc/masked_patch_attention_cpu.cpp)
   that saves the logsumexp of ``masked_patch_attention_fwd`` and calls
@@ -50,30 +51,7 @@ def _register() -> None:
     def _prl_bwd_fake(grad_out, pred, imgs, mask, patch_size, norm_pix, p, reduction):
         return torch.empty_like(pred), torch.empty_like(imgs)
 
-    def _prl_setup_context(ctx, inputs, output):
-        pred, imgs, mask, patch_size, norm_pix, p, reduction = inputs
-        ctx.save_for_backward(pred, imgs, mask)
-        ctx.args = (patch_size, norm_pix, p, reduction)
-
-    def _prl_backward(ctx, grad):
-        pred, imgs, mask = ctx.saved_tensors
-        patch_size, norm_pix, p, reduction = ctx.args
-        if not (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
-            return None, None, None, None, None, None, None
-        gp, gi = torch.ops.maep_fast.patch_recon_loss_backward(
-            grad.contiguous(), pred, imgs, mask, patch_size, norm_pix, p, reduction
-        )
-        return (
-            gp if ctx.needs_input_grad[0] else None,
-            gi if ctx.needs_input_grad[1] else None,
-            None,
-            None,
-            None,
-            None,
-            None,
-        )
-
-    torch.library.register_autograd(lib + "patch_recon_loss", _prl_backward, setup_context=_prl_setup_context)
+    # autograd of patch_recon_loss: a C++ autograd Function (csrc/patch_recon_loss_autograd.cpp)
 
     # ------------------------------------------------------------------ masked_patch_attention
     @torch.library.register_fake(lib + "masked_patch_attention")

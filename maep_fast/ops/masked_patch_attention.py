@@ -22,13 +22,13 @@ next available backend; an explicit ``backend="triton"`` raises instead.
 """
 from __future__ import annotations
 
-import os
+import math
 from typing import Optional
 
 import torch
 
 from maep_fast._checks import check_same_device, check_tensor
-from maep_fast.ops._dispatch import register_backends, resolve_backend, unavailable_reason
+from maep_fast.ops._dispatch import explicit_backend, register_backends, resolve_backend, unavailable_reason
 
 OP = "masked_patch_attention"
 register_backends(OP, "triton", "cpp", "cuda")
@@ -37,7 +37,26 @@ TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 TRITON_MAX_HEAD_DIM = 256  # = triton_kernels.masked_patch_attention.MAX_HEAD_DIM (not imported: triton is optional)
 
 
+_FLOATS = frozenset((torch.float16, torch.bfloat16, torch.float32, torch.float64))
+
+
 def _validate(q, k, v, keep, scale):
+    """The common call is recognised by one expression; anything else takes the full checks,
+    which raise naming the argument."""
+    if (isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor)
+            and q.dtype in _FLOATS and k.dtype == q.dtype and v.dtype == q.dtype and q.dim() == 4
+            and k.shape == q.shape and v.shape == q.shape and q.numel() > 0
+            and (scale is None or (type(scale) is float and 0.0 < scale < math.inf))):
+        dev = q.device
+        if k.device == dev and v.device == dev and (
+                keep is None or (isinstance(keep, torch.Tensor) and keep.dtype == torch.bool and keep.dim() == 2
+                                 and keep.shape[0] == q.shape[0] and keep.shape[1] == q.shape[2]
+                                 and keep.device == dev)):
+            return
+    _validate_full(q, k, v, keep, scale)
+
+
+def _validate_full(q, k, v, keep, scale):
     check_tensor(q, "q", ndim=4)
     check_tensor(k, "k", ndim=4, dtypes=(q.dtype,))
     check_tensor(v, "v", ndim=4, dtypes=(q.dtype,))
@@ -50,8 +69,9 @@ def _validate(q, k, v, keep, scale):
         if tuple(keep.shape) != (q.shape[0], q.shape[2]):
             raise ValueError(f"keep must have shape [B, L] = [{q.shape[0]}, {q.shape[2]}], got {list(keep.shape)}")
         check_same_device("q", q, "keep", keep)
-    if scale is not None and not (isinstance(scale, (int, float)) and scale > 0):
-        raise ValueError(f"scale must be a positive number or None, got {scale!r}")
+    if scale is not None and not (isinstance(scale, (int, float)) and not isinstance(scale, bool)
+                                  and 0 < scale < math.inf):
+        raise ValueError(f"scale must be a positive finite number or None, got {scale!r}")
 
 
 def masked_patch_attention_reference(q, k, v, keep=None, scale=None, return_attn=False):
@@ -148,29 +168,59 @@ def _triton_unsupported(q: torch.Tensor) -> tuple[str, type]:
 
 
 CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-CUDA_MAX_HEAD_DIM = 128  # limits checked by csrc/masked_patch_attention_cuda.cpp
+CUDA_MAX_HEAD_DIM = 128  # the limits csrc/masked_patch_attention_cuda.cpp checks too
+CUDA_MAX_LEN = 65535 * 4
 
 
-def _cuda_kernel_takes(q: torch.Tensor) -> bool:
-    return q.dtype in CUDA_DTYPES and q.shape[-1] <= CUDA_MAX_HEAD_DIM
+def _cuda_unsupported(q: torch.Tensor) -> tuple[str, type]:
+    """Why the CUDA kernel cannot run ``q`` ('' when it can), and the exception type to raise.
+
+    Checked here, in Python, before the op is called: an explicit ``backend="cuda"`` call
+    the kernel cannot run must end in a Python exception, never reach the launch."""
+    if q.dtype not in CUDA_DTYPES:
+        return (f"q must have dtype in {[str(d) for d in CUDA_DTYPES]} for backend 'cuda', got {q.dtype} "
+                "(use backend 'cpp' or 'torch' for float64)"), TypeError
+    if q.shape[-1] > CUDA_MAX_HEAD_DIM:
+        return f"q head dim D={q.shape[-1]} exceeds {CUDA_MAX_HEAD_DIM}, the maximum of backend 'cuda'", ValueError
+    if q.shape[2] > CUDA_MAX_LEN:
+        return f"q sequence length L={q.shape[2]} exceeds {CUDA_MAX_LEN}, the maximum of backend 'cuda'", ValueError
+    return "", ValueError
+
+
+_NATIVE: list = []
+
+
+def _native_attention():
+    """``torch.ops.maep_fast.masked_patch_attention.default``, looked up once."""
+    if not _NATIVE:
+        _NATIVE.append(torch.ops.maep_fast.masked_patch_attention.default)
+    return _NATIVE[0]
 
 
 def masked_patch_attention(q, k, v, keep=None, *, scale=None, backend="auto"):
     """Attention over visible patches; see module docstring for shapes and backends."""
     _validate(q, k, v, keep, scale)
     chosen = resolve_backend(OP, backend, q.device)
-    explicit = backend != "auto" or os.environ.get("MAEP_FAST_BACKEND", "auto") != "auto"
-    scale_f = float(q.shape[-1] ** -0.5 if scale is None else scale)
+    scale_f = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if chosen == "cpp":
+        op = _native_attention()
+        if not torch.compiler.is_compiling():
+            op = op._op  # the overload's C++ entry itself: OpOverload.__call__ only forwards to it
+        return op(q, k, v, keep, scale_f)
     if chosen == "triton":
         why, exc = _triton_unsupported(q)
         if not why:
             return MaskedPatchAttentionTriton.apply(q, k, v, keep, scale_f)
-        if explicit:
+        if explicit_backend(backend):
             raise exc(why)
-        cuda_ok = not unavailable_reason(OP, "cuda", q.device) and _cuda_kernel_takes(q)
+        cuda_ok = not unavailable_reason(OP, "cuda", q.device) and not _cuda_unsupported(q)[0]
         chosen = "cuda" if cuda_ok else "torch"
-    if chosen == "cuda" and not explicit and not _cuda_kernel_takes(q):
-        chosen = "torch"  # auto: inputs the CUDA kernel does not take (fp64, D > 128) run the reference
-    if chosen in ("cpp", "cuda"):  # autograd registered in C++ (fakes in ops/_native_ops.py, imported by ops/)
-        return torch.ops.maep_fast.masked_patch_attention(q, k, v, keep, scale_f)
+    if chosen == "cuda":
+        why, exc = _cuda_unsupported(q)
+        if why:
+            if explicit_backend(backend):
+                raise exc(why)
+            chosen = "torch"  # auto: inputs the CUDA kernel does not take (fp64, D > 128) run the reference
+        else:  # autograd registered in C++ (fakes in ops/_native_ops.py, imported by ops/)
+            return _native_attention()(q, k, v, keep, scale_f)
     return masked_patch_attention_reference(q, k, v, keep, scale)

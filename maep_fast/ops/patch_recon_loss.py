@@ -50,7 +50,32 @@ REDUCTIONS = ("mean", "sum", "per_sample", "none")
 register_backends("patch_recon_loss", "triton", "cpp", "cuda")
 
 
+_FLOATS = frozenset((torch.float16, torch.bfloat16, torch.float32, torch.float64))
+_REDUCTION_SET = frozenset(REDUCTIONS)
+
+
 def _validate(pred, imgs, mask, patch_size, p, reduction):
+    """The common call is recognised by one expression; anything else takes the full checks,
+    which raise naming the argument."""
+    try:
+        if type(patch_size) is int and patch_size > 0 and (p == 2 or p == 1) and reduction in _REDUCTION_SET:
+            ps, ish = pred.shape, imgs.shape
+            if len(ish) == 4 and len(ps) == 3:
+                n, c, h, w = ish
+                length = (h // patch_size) * (w // patch_size)
+                if (ps[0] == n and ps[1] == length and ps[2] == patch_size * patch_size * c and n * length * c > 0
+                        and h % patch_size == 0 and w % patch_size == 0
+                        and pred.dtype in _FLOATS and imgs.dtype in _FLOATS and pred.device == imgs.device
+                        and (mask is None or (mask.shape == (n, length) and mask.device == pred.device
+                                              and isinstance(mask, torch.Tensor)))
+                        and isinstance(pred, torch.Tensor) and isinstance(imgs, torch.Tensor)):
+                    return
+    except (AttributeError, TypeError, ValueError):
+        pass  # not tensors, or not shaped like any: the full checks say what is wrong
+    _validate_full(pred, imgs, mask, patch_size, p, reduction)
+
+
+def _validate_full(pred, imgs, mask, patch_size, p, reduction):
     check_tensor(pred, "pred", ndim=3)
     check_tensor(imgs, "imgs", ndim=4)
     check_same_device("pred", pred, "imgs", imgs)
@@ -127,6 +152,16 @@ def patch_recon_loss_reference(
     return _reduce(err if m is None else err * m, m, reduction)
 
 
+_NATIVE: list = []
+
+
+def _native_loss():
+    """``torch.ops.maep_fast.patch_recon_loss.default``, looked up once."""
+    if not _NATIVE:
+        _NATIVE.append(torch.ops.maep_fast.patch_recon_loss.default)
+    return _NATIVE[0]
+
+
 def patch_recon_loss(
     pred: torch.Tensor,
     imgs: torch.Tensor,
@@ -141,13 +176,17 @@ def patch_recon_loss(
     """See module docstring; ``backend`` is auto | torch | triton | cpp | cuda."""
     _validate(pred, imgs, mask, patch_size, p, reduction)
     be = resolve_backend("patch_recon_loss", backend, pred.device)
+    if be in ("cpp", "cuda"):
+        # autograd in C++ (csrc/patch_recon_loss_autograd.cpp), fake kernel in maep_fast/ops/_native_ops.py
+        if pred.dtype != imgs.dtype:  # e.g. bf16 pred under autocast, fp32 images
+            dt = torch.promote_types(pred.dtype, imgs.dtype)
+            pred, imgs = pred.to(dt), imgs.to(dt)
+        op = _native_loss()
+        if not torch.compiler.is_compiling():
+            op = op._op  # the overload's C++ entry itself: OpOverload.__call__ only forwards to it
+        return op(pred, imgs, mask, patch_size, bool(norm_pix), int(p), reduction)
     if be == "triton":
         return _patch_recon_loss_triton(pred, imgs, mask, patch_size, bool(norm_pix), int(p), reduction)
-    if be in ("cpp", "cuda"):
-        # autograd and fake kernel registered by maep_fast/ops/_native_ops.py (imported with maep_fast.ops)
-        dt = torch.promote_types(pred.dtype, imgs.dtype)  # e.g. bf16 pred under autocast, fp32 images
-        return torch.ops.maep_fast.patch_recon_loss(pred.to(dt), imgs.to(dt), mask, patch_size, bool(norm_pix), int(p),
-                                                    reduction)
     return patch_recon_loss_reference(pred, imgs, mask, patch_size, norm_pix, p, reduction)
 
 

@@ -9,7 +9,10 @@ One update of PGD (attack, ``direction=+1``) or of test-time purification
             x' = clamp(x', clamp_min, clamp_max)
 
 Shapes: ``x``, ``grad``, ``x0``: [B, ...] (same shape and dtype). ``step_size``
-and ``eps``: Python numbers or tensors of shape [] or [B]. Arithmetic is done
+and ``eps``: Python numbers (the loops' call: passed to the kernels as numbers,
+nothing allocated) or tensors of shape [] or [B] (metadata checked only: their
+values are never read on the host, so a CUDA step never synchronizes; a caller
+passing tensors validates their values itself). Arithmetic is done
 in fp32 (fp64 for fp64 inputs). A sample whose gradient is all zero does not
 move before projection.
 
@@ -24,6 +27,7 @@ differentiable (an update, not a layer).
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 
@@ -37,79 +41,116 @@ register_backends("pgd_step", "cpp", "cuda")
 register_backends("pgd_step", "triton")
 
 
-def _as_per_sample(v: object, name: str, batch: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+def _per_sample_or_number(v: object, name: str, batch: int, device: torch.device, dtype: torch.dtype):
+    """A Python float (checked here: finite, >= 0) or a [B] tensor in ``dtype`` on ``device``.
+
+    CUDA tensors get metadata checks only: reading their values on the host would synchronize the
+    stream on every step, so their values are the caller's (MAEPure and the attacks validate theirs
+    once). CPU tensors are also checked for finite, non-negative values.
+    """
     if isinstance(v, torch.Tensor):
-        if v.dim() == 0 or (v.dim() == 1 and v.numel() == 1):
-            t = v.reshape(1).expand(batch)
-        elif v.dim() == 1 and v.numel() == batch:
+        if v.dim() == 1 and v.shape[0] == batch:
             t = v
+        elif v.numel() == 1 and v.dim() <= 1:
+            t = v.reshape(1).expand(batch)
         else:
             raise ValueError(f"{name} must be a number or a tensor of shape [] or [{batch}], got shape {tuple(v.shape)}")
         if not t.is_floating_point():
-            t = t.to(torch.float32)
+            raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
         if t.device != device:
             raise ValueError(f"{name} is on {t.device} but x is on {device}")
-        if not bool(torch.isfinite(t).all()):
-            raise ValueError(f"{name} must be finite")
-        if bool((t < 0).any()):
-            raise ValueError(f"{name} must be >= 0, got min {float(t.min())}")
+        if t.device.type == "cpu":  # reading CPU values costs no device synchronization
+            if not bool(torch.isfinite(t).all()):
+                raise ValueError(f"{name} must be finite")
+            if bool((t < 0).any()):
+                raise ValueError(f"{name} must be >= 0, got min {float(t.min())}")
         return t.to(dtype).contiguous()
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         raise TypeError(f"{name} must be a number or a tensor, got {type(v).__name__}")
     v = float(v)
-    if not math.isfinite(v):
-        raise ValueError(f"{name} must be finite, got {v}")
-    if v < 0:
-        raise ValueError(f"{name} must be >= 0, got {v}")
-    return torch.full((batch,), v, device=device, dtype=dtype)
+    if not (0.0 <= v < math.inf):  # also False for NaN
+        raise ValueError(f"{name} must be finite and >= 0, got {v}")
+    return v
+
+
+_FLOATS = frozenset((torch.float16, torch.bfloat16, torch.float32, torch.float64))
+_INF = math.inf
 
 
 def _validate(x, grad, x0, step_size, eps, norm, direction, clamp):
+    """Metadata checks only (no host sync); returns (step, eps, clamp_min, clamp_max) with step / eps
+    each a float or a [B] tensor in the compute dtype (fp32; fp64 for fp64 ``x``).
+
+    The common call (three same-shape float tensors on one device, float step / eps, a finite clamp)
+    is recognised by one expression; anything else takes the full checks, which name the argument."""
+    if (type(step_size) is float and type(eps) is float and 0.0 <= step_size < _INF and 0.0 <= eps < _INF
+            and (norm == "linf" or norm == "l2") and (direction == 1 or direction == -1)
+            and isinstance(x, torch.Tensor) and isinstance(grad, torch.Tensor) and isinstance(x0, torch.Tensor)
+            and x.dtype in _FLOATS and grad.dtype == x.dtype and x0.dtype == x.dtype
+            and grad.shape == x.shape and x0.shape == x.shape and 0 < x.dim() < 9 and x.numel() > 0
+            and type(clamp) is tuple and len(clamp) == 2):
+        lo, hi = clamp
+        if (type(lo) is float and type(hi) is float and -_INF < lo <= hi < _INF
+                and grad.device == x.device and x0.device == x.device):
+            return step_size, eps, lo, hi
+    return _validate_full(x, grad, x0, step_size, eps, norm, direction, clamp)
+
+
+def _validate_full(x, grad, x0, step_size, eps, norm, direction, clamp):
     check_tensor(x, "x", ndim=range(1, 9))
-    check_tensor(grad, "grad", ndim=x.dim(), dtypes=(x.dtype,))
-    check_tensor(x0, "x0", ndim=x.dim(), dtypes=(x.dtype,))
-    if grad.shape != x.shape:
+    if not isinstance(grad, torch.Tensor) or grad.dtype != x.dtype or grad.shape != x.shape:
+        check_tensor(grad, "grad", ndim=x.dim(), dtypes=(x.dtype,))
         raise ValueError(f"grad must have the shape of x {tuple(x.shape)}, got {tuple(grad.shape)}")
-    if x0.shape != x.shape:
+    if not isinstance(x0, torch.Tensor) or x0.dtype != x.dtype or x0.shape != x.shape:
+        check_tensor(x0, "x0", ndim=x.dim(), dtypes=(x.dtype,))
         raise ValueError(f"x0 must have the shape of x {tuple(x.shape)}, got {tuple(x0.shape)}")
-    check_same_device("x", x, "grad", grad)
-    check_same_device("x", x, "x0", x0)
-    if norm not in NORMS:
+    device = x.device
+    if grad.device != device:
+        check_same_device("x", x, "grad", grad)
+    if x0.device != device:
+        check_same_device("x", x, "x0", x0)
+    if norm != "linf" and norm != "l2":
         raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
-    if direction not in (1, -1):
+    if direction != 1 and direction != -1:
         raise ValueError(f"direction must be +1 (ascent, attack) or -1 (descent, purification), got {direction!r}")
-    if clamp is not None:
+    if clamp is None:
+        lo, hi = -math.inf, math.inf
+    else:
         if len(clamp) != 2:
             raise ValueError(f"clamp must be (min, max) or None, got {clamp!r}")
         lo, hi = float(clamp[0]), float(clamp[1])
-        if not (math.isfinite(lo) and math.isfinite(hi) and lo <= hi):
+        if not (-math.inf < lo <= hi < math.inf):
             raise ValueError(f"clamp must be finite with min <= max, got {clamp!r}")
     cdtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     b = x.shape[0]
-    step = _as_per_sample(step_size, "step_size", b, x.device, cdtype)
-    eps_t = _as_per_sample(eps, "eps", b, x.device, cdtype)
-    lo, hi = (-math.inf, math.inf) if clamp is None else (float(clamp[0]), float(clamp[1]))
-    return step, eps_t, lo, hi
+    step = _per_sample_or_number(step_size, "step_size", b, device, cdtype)
+    eps_v = _per_sample_or_number(eps, "eps", b, device, cdtype)
+    if isinstance(step, torch.Tensor) and not isinstance(eps_v, torch.Tensor):  # kernels take both or neither
+        eps_v = torch.full((b,), eps_v, dtype=cdtype, device=device)
+    elif isinstance(eps_v, torch.Tensor) and not isinstance(step, torch.Tensor):
+        step = torch.full((b,), step, dtype=cdtype, device=device)
+    return step, eps_v, lo, hi
 
 
 def pgd_step_reference(
     x: torch.Tensor,
     grad: torch.Tensor,
     x0: torch.Tensor,
-    step_size: torch.Tensor,
-    eps: torch.Tensor,
+    step_size: float | torch.Tensor,
+    eps: float | torch.Tensor,
     norm: str,
     direction: int,
     clamp_min: float,
     clamp_max: float,
 ) -> torch.Tensor:
-    """Plain PyTorch reference; ``step_size``/``eps`` are [B] tensors."""
+    """Plain PyTorch reference; ``step_size``/``eps``: numbers or [B] tensors."""
     cdtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     b = x.shape[0]
     view = (b,) + (1,) * (x.dim() - 1)
     xf, gf, x0f = x.to(cdtype), grad.to(cdtype), x0.to(cdtype)
-    step = step_size.to(cdtype).view(view)
-    e = eps.to(cdtype).view(view)
+    step = step_size.to(cdtype).view(view) if isinstance(step_size, torch.Tensor) else float(step_size)
+    e = eps.to(cdtype).view(view) if isinstance(eps, torch.Tensor) else torch.tensor(float(eps), dtype=cdtype,
+                                                                                        device=x.device)
     if norm == "linf":
         xn = xf + direction * step * torch.sign(gf)
         xn = torch.minimum(torch.maximum(xn, x0f - e), x0f + e)
@@ -124,8 +165,30 @@ def pgd_step_reference(
     return xn.to(x.dtype)
 
 
-def _native_op(name: str):
-    return getattr(torch.ops.maep_fast, name)
+_NATIVE: dict = {}
+
+
+def _native(name: str, per_sample: bool):
+    """The native op overload (``.default``: [B] tensors, ``.scalar``: numbers), looked up once."""
+    key = (name, per_sample)
+    op = _NATIVE.get(key)
+    if op is None:
+        packet = getattr(torch.ops.maep_fast, name)
+        op = _NATIVE[key] = packet.default if per_sample else packet.scalar
+    return op
+
+
+def _run(x, grad, x0, step, eps_v, norm, direction, lo, hi, be) -> torch.Tensor:
+    """Out-of-place step after validation (``be`` resolved)."""
+    per_sample = isinstance(step, torch.Tensor)
+    if be in ("cpp", "cuda"):  # one native op; the dispatcher picks the CPU or CUDA kernel
+        return _native("pgd_step", per_sample)(
+            x.contiguous(), grad.contiguous(), x0.contiguous(), step, eps_v, norm, direction, lo, hi)
+    if be == "triton":
+        st, et, sv, ev = (step, eps_v, 0.0, 0.0) if per_sample else (None, None, step, eps_v)
+        return torch.ops.maep_fast.pgd_step_triton(
+            x.contiguous(), grad.contiguous(), x0.contiguous(), st, et, sv, ev, norm, direction, lo, hi)
+    return pgd_step_reference(x, grad, x0, step, eps_v, norm, direction, lo, hi)
 
 
 def pgd_step(
@@ -141,17 +204,8 @@ def pgd_step(
     backend: str = "auto",
 ) -> torch.Tensor:
     """Out-of-place fused PGD step; returns a new tensor shaped like ``x``."""
-    step, eps_t, lo, hi = _validate(x, grad, x0, step_size, eps, norm, direction, clamp)
-    be = resolve_backend("pgd_step", backend, x.device)
-    if be in ("cpp", "cuda"):  # one native op; the dispatcher picks the CPU or CUDA kernel
-        return _native_op("pgd_step")(
-            x.contiguous(), grad.contiguous(), x0.contiguous(), step, eps_t, norm, direction, lo, hi
-        )
-    if be == "triton":
-        return torch.ops.maep_fast.pgd_step_triton(
-            x.contiguous(), grad.contiguous(), x0.contiguous(), step, eps_t, norm, direction, lo, hi
-        )
-    return pgd_step_reference(x, grad, x0, step, eps_t, norm, direction, lo, hi)
+    step, eps_v, lo, hi = _validate(x, grad, x0, step_size, eps, norm, direction, clamp)
+    return _run(x, grad, x0, step, eps_v, norm, direction, lo, hi, resolve_backend("pgd_step", backend, x.device))
 
 
 def pgd_step_(
@@ -167,42 +221,41 @@ def pgd_step_(
     backend: str = "auto",
 ) -> torch.Tensor:
     """In-place variant for loops: updates and returns ``x``."""
-    step, eps_t, lo, hi = _validate(x, grad, x0, step_size, eps, norm, direction, clamp)
+    step, eps_v, lo, hi = _validate(x, grad, x0, step_size, eps, norm, direction, clamp)
     be = resolve_backend("pgd_step", backend, x.device)
-    return _pgd_step_inplace_validated(x, grad, x0, step, eps_t, norm, direction, lo, hi, be)
+    return _pgd_step_inplace_validated(x, grad, x0, step, eps_v, norm, direction, lo, hi, be)
 
 
 def _pgd_step_inplace_validated(
     x: torch.Tensor,
     grad: torch.Tensor,
     x0: torch.Tensor,
-    step: torch.Tensor,
-    eps_t: torch.Tensor,
+    step: float | torch.Tensor,
+    eps_v: float | torch.Tensor,
     norm: str,
     direction: int,
     lo: float,
     hi: float,
     be: str,
 ) -> torch.Tensor:
-    """``pgd_step_`` after validation: ``step``/``eps_t`` are [B] tensors in the compute dtype
-    (fp32, fp64 for fp64 ``x``) on ``x``'s device, ``be`` a resolved backend. No host sync, so
-    it can be captured in a CUDA graph (``MAEPure(cuda_graph=True)`` validates once, outside)."""
-    if be in ("cpp", "cuda") and x.is_contiguous():
-        _native_op("pgd_step_")(x, grad.contiguous(), x0.contiguous(), step, eps_t, norm, direction, lo, hi)
-        return x
-    if be == "triton" and x.is_contiguous():
-        torch.ops.maep_fast.pgd_step_triton_(x, grad.contiguous(), x0.contiguous(), step, eps_t, norm, direction, lo, hi)
-        return x
-    if be in ("cpp", "cuda"):
-        out = _native_op("pgd_step")(
-            x.contiguous(), grad.contiguous(), x0.contiguous(), step, eps_t, norm, direction, lo, hi
-        )
-    elif be == "triton":
-        out = torch.ops.maep_fast.pgd_step_triton(
-            x.contiguous(), grad.contiguous(), x0.contiguous(), step, eps_t, norm, direction, lo, hi
-        )
-    else:
-        out = pgd_step_reference(x, grad, x0, step, eps_t, norm, direction, lo, hi)
+    """``pgd_step_`` after validation: ``step``/``eps_v`` are both numbers or both [B] tensors in the
+    compute dtype (fp32, fp64 for fp64 ``x``) on ``x``'s device, ``be`` a resolved backend. No host
+    sync, so it can be captured in a CUDA graph (``MAEPure(cuda_graph=True)`` validates once, outside,
+    and keeps its step / eps in device tensors it fills in place)."""
+    if x.is_contiguous():
+        if be in ("cpp", "cuda"):
+            op = _native("pgd_step_", isinstance(step, torch.Tensor))
+            if not torch.compiler.is_compiling():
+                op = op._op  # the overload's C++ entry itself: OpOverload.__call__ only forwards to it
+            op(x, grad.contiguous(), x0.contiguous(), step, eps_v, norm, direction, lo, hi)
+            return x
+        if be == "triton":
+            per_sample = isinstance(step, torch.Tensor)
+            st, et, sv, ev = (step, eps_v, 0.0, 0.0) if per_sample else (None, None, step, eps_v)
+            torch.ops.maep_fast.pgd_step_triton_(x, grad.contiguous(), x0.contiguous(), st, et, sv, ev, norm,
+                                                 direction, lo, hi)
+            return x
+    out = _run(x, grad, x0, step, eps_v, norm, direction, lo, hi, be)
     with torch.no_grad():
         x.copy_(out)
     return x
@@ -219,32 +272,44 @@ def _register_fakes() -> None:
     def _pgd_step_inplace_fake(x, grad, x0, step_size, eps, norm, direction, clamp_min, clamp_max):
         return None
 
+    @torch.library.register_fake("maep_fast::pgd_step.scalar")
+    def _pgd_step_scalar_fake(x, grad, x0, step_size, eps, norm, direction, clamp_min, clamp_max):
+        return torch.empty_like(x)
+
+    @torch.library.register_fake("maep_fast::pgd_step_.scalar")
+    def _pgd_step_scalar_inplace_fake(x, grad, x0, step_size, eps, norm, direction, clamp_min, clamp_max):
+        return None
+
 
 if native_available():
     _register_fakes()
 
 
 # ---------------------------------------------------------------- Triton backend
+# step_size_t / eps_t: [B] tensors, or None to use the numbers step_size / eps for every sample.
 @torch.library.custom_op("maep_fast::pgd_step_triton", mutates_args=())
 def _pgd_step_triton(
     x: torch.Tensor,
     grad: torch.Tensor,
     x0: torch.Tensor,
-    step_size: torch.Tensor,
-    eps: torch.Tensor,
+    step_size_t: Optional[torch.Tensor],
+    eps_t: Optional[torch.Tensor],
+    step_size: float,
+    eps: float,
     norm: str,
     direction: int,
     clamp_min: float,
     clamp_max: float,
 ) -> torch.Tensor:
-    """Out-of-place fused step (contiguous inputs; step_size/eps: [B])."""
+    """Out-of-place fused step (contiguous inputs)."""
     from maep_fast.ops.triton_kernels.pgd_step import pgd_step_triton
 
-    return pgd_step_triton(x, grad, x0, step_size, eps, norm, direction, clamp_min, clamp_max)
+    return pgd_step_triton(x, grad, x0, step_size if step_size_t is None else step_size_t,
+                           eps if eps_t is None else eps_t, norm, direction, clamp_min, clamp_max)
 
 
 @_pgd_step_triton.register_fake
-def _(x, grad, x0, step_size, eps, norm, direction, clamp_min, clamp_max):
+def _(x, grad, x0, step_size_t, eps_t, step_size, eps, norm, direction, clamp_min, clamp_max):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
@@ -253,8 +318,10 @@ def _pgd_step_triton_inplace(
     x: torch.Tensor,
     grad: torch.Tensor,
     x0: torch.Tensor,
-    step_size: torch.Tensor,
-    eps: torch.Tensor,
+    step_size_t: Optional[torch.Tensor],
+    eps_t: Optional[torch.Tensor],
+    step_size: float,
+    eps: float,
     norm: str,
     direction: int,
     clamp_min: float,
@@ -263,9 +330,10 @@ def _pgd_step_triton_inplace(
     """In-place fused step: writes x (contiguous)."""
     from maep_fast.ops.triton_kernels.pgd_step import pgd_step_triton
 
-    pgd_step_triton(x, grad, x0, step_size, eps, norm, direction, clamp_min, clamp_max, out=x)
+    pgd_step_triton(x, grad, x0, step_size if step_size_t is None else step_size_t, eps if eps_t is None else eps_t,
+                    norm, direction, clamp_min, clamp_max, out=x)
 
 
 @_pgd_step_triton_inplace.register_fake
-def _(x, grad, x0, step_size, eps, norm, direction, clamp_min, clamp_max):
+def _(x, grad, x0, step_size_t, eps_t, step_size, eps, norm, direction, clamp_min, clamp_max):
     return None

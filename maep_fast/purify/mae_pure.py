@@ -72,7 +72,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from maep_fast._checks import check_tensor
+from maep_fast._checks import check_pixels, check_tensor
 from maep_fast.models.mae import MaskedAutoencoderViT
 from maep_fast.ops.patch_recon_loss import patch_recon_loss
 from maep_fast.ops._dispatch import resolve_backend
@@ -176,6 +176,9 @@ class MAEPure(nn.Module):
         """``recon_loss`` with given masking noise [N * n_masks, L] (no host sync: CUDA-graph capturable)."""
         m = self.model
         n = x.shape[0]
+        mdtype = m.patch_embed.proj.weight.dtype
+        if x.dtype != mdtype:  # the iterate keeps its own dtype (fp64 stays fp64); the model sees its dtype
+            x = x.to(mdtype)
         xr = x.repeat(self.n_masks, 1, 1, 1) if self.n_masks > 1 else x
         latent, mask, ids_restore = m.forward_encoder(xr, self.mask_ratio, noise)
         pred = m.forward_decoder(latent, ids_restore)
@@ -193,9 +196,15 @@ class MAEPure(nn.Module):
 
     # ------------------------------------------------------------ no-grad path
     @torch.no_grad()
-    def purify(self, x: torch.Tensor) -> torch.Tensor:
-        """Purify without building a graph (chunks of ``batch_size``)."""
+    def purify(self, x: torch.Tensor, validate: bool = True) -> torch.Tensor:
+        """Purify without building a graph (chunks of ``batch_size``).
+
+        ``validate`` checks the pixels (finite, in [0, 1]; one host sync) before any work;
+        ``validate=False`` skips that for inputs checked already. The steps themselves never
+        synchronize (unless ``progress`` or ``early_stop`` asks for values on the host)."""
         self._check(x)
+        if validate:
+            check_pixels(x, "x")
         if self.cuda_graph:
             if self.early_stop is not None:
                 raise ValueError("cuda_graph=True does not support early_stop; set early_stop=None or cuda_graph=False")
@@ -298,9 +307,11 @@ class MAEPure(nn.Module):
 
     # --------------------------------------------------------- differentiable
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Differentiable through all S steps when ``x.requires_grad``; otherwise ``purify``."""
+        """Differentiable through all S steps when ``x.requires_grad``; otherwise ``purify``.
+        Metadata checks only: an attack calls this at every step, after its entry point checked
+        the pixels once."""
         if not (torch.is_grad_enabled() and x.requires_grad):
-            return self.purify(x)
+            return self.purify(x, validate=False)
         self._check(x)
         if not self.exact_graph:
             return self._forward_graph(x)

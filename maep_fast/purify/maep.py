@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from maep_fast._checks import check_images, check_tensor
+from maep_fast._checks import check_pixels, check_tensor
 from maep_fast.checkpoint import load_model
 from maep_fast.models.mae import MaskedAutoencoderViT
 from maep_fast.purify.tiling import tiled_apply
@@ -51,26 +51,37 @@ class Purifier(nn.Module):
         return self.model.reconstruct(x, mask_ratio=0.0).clamp(0.0, 1.0)
 
     def _check(self, x: torch.Tensor) -> torch.Tensor:
+        """Metadata checks (no host sync): rank, dtype, device, channels, size."""
         check_tensor(x, "x", ndim=4)
         dev = next(self.model.parameters()).device
         if x.device != dev:
             raise ValueError(f"x is on {x.device} but the purifier is on {dev}")
+        if x.shape[1] != self.model.in_chans:
+            raise ValueError(f"x must have {self.model.in_chans} channel(s) (shape [N, {self.model.in_chans}, H, W]), "
+                             f"got shape {tuple(x.shape)}")
         h, w = x.shape[-2:]
         if h < self.img_size or w < self.img_size:
             raise ValueError(f"x must be at least {self.img_size}x{self.img_size} pixels for this purifier, got {h}x{w}")
-        return check_images(x, "x", channels=self.model.in_chans)
+        return x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Differentiable purification (no chunking)."""
+        """Differentiable purification (no chunking). Metadata checks only: an attack calls this at
+        every step, and its entry point has checked the pixels once (``pgd_attack``)."""
         self._check(x)
         if x.shape[-2:] == (self.img_size, self.img_size):
             return self._single(x)
         return tiled_apply(self._single, x, self.img_size, self.tile_overlap, max_batch=self.batch_size)
 
     @torch.no_grad()
-    def purify(self, x: torch.Tensor) -> torch.Tensor:
-        """Purify any number of images in chunks of ``batch_size`` without gradients."""
+    def purify(self, x: torch.Tensor, validate: bool = True) -> torch.Tensor:
+        """Purify any number of images in chunks of ``batch_size`` without gradients.
+
+        ``validate`` checks the pixels (finite, in [0, 1]; one host sync) before any work;
+        ``validate=False`` skips that for inputs checked already, and then nothing here
+        synchronizes with a CUDA device."""
         self._check(x)
+        if validate:
+            check_pixels(x, "x")
         outs = []
         for k in range(0, x.shape[0], self.batch_size):
             chunk = x[k:k + self.batch_size]

@@ -48,6 +48,17 @@ def _clamp_bounds(bounds_ptr, lo, hi, BOUNDS_FROM_PTR: tl.constexpr):
 
 
 @triton.jit
+def _per_sample(ptr, b, valid, value, CDT: tl.constexpr, FROM_PTR: tl.constexpr):
+    """A per-sample scalar (step size or eps) of sample(s) ``b``: loaded from ``ptr`` ([B] tensor),
+    or the launch argument ``value`` (a Python float: no tensor, no copy per call)."""
+    if FROM_PTR:
+        res = tl.load(ptr + b, mask=valid, other=0.0).to(CDT)
+    else:
+        res = value.to(CDT)
+    return res
+
+
+@triton.jit
 def _load_x_g_x0(x_ptr, g_ptr, x0_ptr, offs, valid, CDT: tl.constexpr):
     """The iterate, its gradient and the ball centre at ``offs``, in the compute dtype."""
     x = tl.load(x_ptr + offs, mask=valid, other=0.0).to(CDT)
@@ -59,16 +70,17 @@ def _load_x_g_x0(x_ptr, g_ptr, x0_ptr, offs, valid, CDT: tl.constexpr):
 @triton.jit
 def _pgd_linf_kernel(
     out_ptr, x_ptr, g_ptr, x0_ptr, step_ptr, eps_ptr, bounds_ptr,
-    total, M, direction, lo, hi,
-    CDT: tl.constexpr, HAS_CLAMP: tl.constexpr, BOUNDS_FROM_PTR: tl.constexpr, BLOCK: tl.constexpr,
+    total, M, direction, lo, hi, step_val, eps_val,
+    CDT: tl.constexpr, HAS_CLAMP: tl.constexpr, BOUNDS_FROM_PTR: tl.constexpr,
+    STEP_PTR: tl.constexpr, EPS_PTR: tl.constexpr, BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     valid = offs < total
     b = offs // M
     x, g, x0 = _load_x_g_x0(x_ptr, g_ptr, x0_ptr, offs, valid, CDT)
-    s = tl.load(step_ptr + b, mask=valid, other=0.0).to(CDT)
-    e = tl.load(eps_ptr + b, mask=valid, other=0.0).to(CDT)
+    s = _per_sample(step_ptr, b, valid, step_val, CDT, STEP_PTR)
+    e = _per_sample(eps_ptr, b, valid, eps_val, CDT, EPS_PTR)
     sgn = tl.where(g > 0, 1.0, tl.where(g < 0, -1.0, 0.0)).to(CDT)  # (g > 0) - (g < 0): torch.sign(NaN) = 0 too
     xn = x + (direction * s) * sgn
     xn = _clip(xn, x0 - e, x0 + e)
@@ -106,21 +118,22 @@ def _sample_norm(part_ptr, b, NPART, CDT: tl.constexpr, PART_BLOCK: tl.constexpr
 
 
 @triton.jit
-def _l2_grad_norm_and_step(gpart_ptr, step_ptr, b, NPART, direction, CDT: tl.constexpr, PART_BLOCK: tl.constexpr):
+def _l2_grad_norm_and_step(gpart_ptr, step_ptr, step_val, b, NPART, direction, CDT: tl.constexpr,
+                           PART_BLOCK: tl.constexpr, STEP_PTR: tl.constexpr):
     """Sample ``b``'s ||grad|| (floored at 1e-12, NaN kept) and its signed step size."""
     gnorm = tl.maximum(_sample_norm(gpart_ptr, b, NPART, CDT, PART_BLOCK), 1e-12, propagate_nan=tl.PropagateNan.ALL)
-    return gnorm, direction * tl.load(step_ptr + b).to(CDT)
+    return gnorm, direction * _per_sample(step_ptr, b, True, step_val, CDT, STEP_PTR)
 
 
 @triton.jit
 def _pgd_l2_update_kernel(
     dpart_ptr, x_ptr, g_ptr, x0_ptr, gpart_ptr, step_ptr,
-    M, CHUNK, ITERS, NPART, direction,
-    CDT: tl.constexpr, PART_BLOCK: tl.constexpr, BLOCK: tl.constexpr,
+    M, CHUNK, ITERS, NPART, direction, step_val,
+    CDT: tl.constexpr, PART_BLOCK: tl.constexpr, STEP_PTR: tl.constexpr, BLOCK: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     part = tl.program_id(1)
-    gnorm, s = _l2_grad_norm_and_step(gpart_ptr, step_ptr, b, NPART, direction, CDT, PART_BLOCK)
+    gnorm, s = _l2_grad_norm_and_step(gpart_ptr, step_ptr, step_val, b, NPART, direction, CDT, PART_BLOCK, STEP_PTR)
     base = b * M
     start = part * CHUNK
     acc = tl.zeros([BLOCK], dtype=CDT)
@@ -136,15 +149,15 @@ def _pgd_l2_update_kernel(
 @triton.jit
 def _pgd_l2_project_kernel(
     out_ptr, x_ptr, g_ptr, x0_ptr, gpart_ptr, dpart_ptr, step_ptr, eps_ptr, bounds_ptr,
-    M, CHUNK, ITERS, NPART, direction, lo, hi,
+    M, CHUNK, ITERS, NPART, direction, lo, hi, step_val, eps_val,
     CDT: tl.constexpr, HAS_CLAMP: tl.constexpr, BOUNDS_FROM_PTR: tl.constexpr,
-    PART_BLOCK: tl.constexpr, BLOCK: tl.constexpr,
+    STEP_PTR: tl.constexpr, EPS_PTR: tl.constexpr, PART_BLOCK: tl.constexpr, BLOCK: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     part = tl.program_id(1)
-    gnorm, s = _l2_grad_norm_and_step(gpart_ptr, step_ptr, b, NPART, direction, CDT, PART_BLOCK)
+    gnorm, s = _l2_grad_norm_and_step(gpart_ptr, step_ptr, step_val, b, NPART, direction, CDT, PART_BLOCK, STEP_PTR)
     dnorm = _sample_norm(dpart_ptr, b, NPART, CDT, PART_BLOCK)
-    e = tl.load(eps_ptr + b).to(CDT)
+    e = _per_sample(eps_ptr, b, True, eps_val, CDT, EPS_PTR)
     factor = tl.where(dnorm > e, e / tl.maximum(dnorm, 1e-12), 1.0).to(CDT)
     if HAS_CLAMP:
         lo_v, hi_v = _clamp_bounds(bounds_ptr, lo, hi, BOUNDS_FROM_PTR)
@@ -167,12 +180,22 @@ def _block(n: int, gpu_block: int) -> int:
     return max(16, min(triton.next_power_of_2(n), gpu_block))
 
 
+def _scalar_or_tensor(v, batch: int, cdtype: torch.dtype, device: torch.device):
+    """(pointer argument, value argument, FROM_PTR) for a step size / eps that is a Python float or a
+    [B] tensor. fp64 floats go by pointer: Triton passes Python floats to kernels as fp32."""
+    if isinstance(v, torch.Tensor):
+        return v.to(cdtype).contiguous(), 0.0, True
+    if cdtype == torch.float64:
+        return torch.full((batch,), float(v), dtype=cdtype, device=device), 0.0, True
+    return None, float(v), False
+
+
 def pgd_step_triton(
     x: torch.Tensor,
     grad: torch.Tensor,
     x0: torch.Tensor,
-    step: torch.Tensor,
-    eps: torch.Tensor,
+    step: torch.Tensor | float,
+    eps: torch.Tensor | float,
     norm: str,
     direction: int,
     clamp_min: float,
@@ -183,7 +206,8 @@ def pgd_step_triton(
     max_parts: int = MAX_PARTS,
 ) -> torch.Tensor:
     """Launch the fused step. ``x``, ``grad``, ``x0`` contiguous with one shape
-    and dtype; ``step``/``eps``: [B] in the compute dtype. ``out`` may be ``x``
+    and dtype; ``step``/``eps``: Python floats (launch arguments, nothing allocated) or
+    [B] tensors. ``out`` may be ``x``
     (in place) or a caller buffer (tests poison it with NaN); else allocated.
     ``block`` / ``max_parts`` are private test hooks (force several programs
     per sample and several loop iterations per program on small inputs)."""
@@ -195,19 +219,22 @@ def pgd_step_triton(
     is64 = x.dtype == torch.float64
     cdt = tl.float64 if is64 else tl.float32
     cdtype = torch.float64 if is64 else torch.float32
-    step = step.to(cdtype).contiguous()
-    eps = eps.to(cdtype).contiguous()
+    step_p, step_v, step_from_ptr = _scalar_or_tensor(step, b, cdtype, x.device)
+    eps_p, eps_v, eps_from_ptr = _scalar_or_tensor(eps, b, cdtype, x.device)
     has_clamp = not (clamp_min == -math.inf and clamp_max == math.inf)
     bounds_from_ptr = has_clamp and is64
-    bounds = torch.tensor([clamp_min, clamp_max], dtype=cdtype, device=x.device) if bounds_from_ptr else step
+    bounds = torch.tensor([clamp_min, clamp_max], dtype=cdtype, device=x.device) if bounds_from_ptr else x
+    step_p = x if step_p is None else step_p  # unused pointer argument (FROM_PTR is False)
+    eps_p = x if eps_p is None else eps_p
     lo = float(clamp_min) if has_clamp else 0.0
     hi = float(clamp_max) if has_clamp else 0.0
     if norm == "linf":
         block = block or _block(total, 1024)
         grid = (triton.cdiv(total, block),)
         _pgd_linf_kernel[grid](
-            out, x, grad, x0, step, eps, bounds, total, m, direction, lo, hi,
-            CDT=cdt, HAS_CLAMP=has_clamp, BOUNDS_FROM_PTR=bounds_from_ptr, BLOCK=block, num_warps=4,
+            out, x, grad, x0, step_p, eps_p, bounds, total, m, direction, lo, hi, step_v, eps_v,
+            CDT=cdt, HAS_CLAMP=has_clamp, BOUNDS_FROM_PTR=bounds_from_ptr,
+            STEP_PTR=step_from_ptr, EPS_PTR=eps_from_ptr, BLOCK=block, num_warps=4,
         )
         return out
     block = block or _block(m, 1024)
@@ -221,12 +248,12 @@ def pgd_step_triton(
     grid = (b, npart)
     _pgd_l2_gsq_kernel[grid](gpart, grad, m, chunk, iters, npart, CDT=cdt, BLOCK=block, num_warps=4)
     _pgd_l2_update_kernel[grid](
-        dpart, x, grad, x0, gpart, step, m, chunk, iters, npart, direction,
-        CDT=cdt, PART_BLOCK=part_block, BLOCK=block, num_warps=4,
+        dpart, x, grad, x0, gpart, step_p, m, chunk, iters, npart, direction, step_v,
+        CDT=cdt, PART_BLOCK=part_block, STEP_PTR=step_from_ptr, BLOCK=block, num_warps=4,
     )
     _pgd_l2_project_kernel[grid](
-        out, x, grad, x0, gpart, dpart, step, eps, bounds, m, chunk, iters, npart, direction, lo, hi,
-        CDT=cdt, HAS_CLAMP=has_clamp, BOUNDS_FROM_PTR=bounds_from_ptr, PART_BLOCK=part_block, BLOCK=block,
-        num_warps=4,
+        out, x, grad, x0, gpart, dpart, step_p, eps_p, bounds, m, chunk, iters, npart, direction, lo, hi,
+        step_v, eps_v, CDT=cdt, HAS_CLAMP=has_clamp, BOUNDS_FROM_PTR=bounds_from_ptr,
+        STEP_PTR=step_from_ptr, EPS_PTR=eps_from_ptr, PART_BLOCK=part_block, BLOCK=block, num_warps=4,
     )
     return out

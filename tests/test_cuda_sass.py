@@ -1,0 +1,151 @@
+"""What nvcc makes of kernels/masked_patch_attention.cu, checked without a GPU.
+
+Compiles the torch-free attention kernels to a cubin for sm_80 and sm_90 (nvcc -cubin
+-Xptxas -v) and reads the result back with cuobjdump (-sass, -res-usage):
+  - every fp16 / bf16 kernel (forward, dq, dk/dv; one per padded head dim 16..128) runs
+    its matrix products on tensor cores: HMMA.16816 in its SASS;
+  - the fp32 kernels stay exact: no HMMA (no TF32);
+  - no local memory: ptxas reports 0 bytes spill stores / loads, cuobjdump LOCAL:0 and
+    STACK:0, and no STL / LDL instruction in any kernel;
+  - registers <= 255, and static + dynamic shared memory per block within the opt-in
+    limit (163 KB on sm_80, 227 KB on sm_90).
+Skips cleanly without nvcc or cuobjdump. Figures are recorded in bench/NOTES.md.
+"""
+
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SRC = ROOT / "kernels" / "masked_patch_attention.cu"
+SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}  # opt-in shared memory per block
+HEAD_DIMS = list(range(16, 129, 16))
+TC_KINDS = ("mpa_fwd_tc_kernel", "mpa_dq_tc_kernel", "mpa_dkdv_tc_kernel")
+
+
+def _nvcc():
+    nvcc = os.environ.get("NVCC") or shutil.which("nvcc")
+    if not nvcc and Path("/usr/local/cuda/bin/nvcc").exists():
+        nvcc = "/usr/local/cuda/bin/nvcc"
+    return nvcc
+
+
+def _cuobjdump(nvcc):
+    cands = [os.environ.get("CUOBJDUMP"), str(Path(nvcc).resolve().parent / "cuobjdump"), shutil.which("cuobjdump"),
+             "/usr/local/cuda/bin/cuobjdump"]
+    try:
+        import triton  # ships a cuobjdump with its NVIDIA backend
+
+        cands.append(str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"))
+    except Exception:  # noqa: BLE001 - triton is optional here
+        pass
+    for c in cands:
+        if c and Path(c).is_file() and os.access(c, os.X_OK):
+            return c
+    return None
+
+
+def dkdv_dynamic_smem(dp: int) -> int:
+    """tc::dkdv_smem_bytes<DP>() in kernels/masked_patch_attention.cu (keep in sync):
+    K, V tiles of 64 rows + Q, dO tiles of 32 rows, row stride DP + 8 halves; lse, delta: 32 floats."""
+    return (2 * 64 + 2 * 32) * (dp + 8) * 2 + 2 * 32 * 4
+
+
+def kernel_info(name: str):
+    """(kind, dtype, DP) of a tensor-core kernel's mangled name, else (kind-or-None, dtype, None)."""
+    kind = next((k for k in TC_KINDS if k in name), None)
+    m = re.search(r"kernelI(6__half|13__nv_bfloat16|f)(?:Li(\d+)E)?E", name)
+    dtype = {"6__half": "fp16", "13__nv_bfloat16": "bf16", "f": "fp32"}.get(m.group(1)) if m else None
+    dp = int(m.group(2)) if m and m.group(2) else None
+    return kind, dtype, dp
+
+
+_CACHE = {}
+
+
+def compile_arch(arch: int):
+    if arch in _CACHE:
+        return _CACHE[arch]
+    nvcc = _nvcc()
+    if not nvcc:
+        pytest.skip("nvcc not found")
+    cuobjdump = _cuobjdump(nvcc)
+    if not cuobjdump:
+        pytest.skip("cuobjdump not found (nvcc's bin, PATH, CUOBJDUMP or triton's bundled copy)")
+    out_dir = Path(os.environ.get("TMPDIR", "/tmp")) / f"maep_fast_sass_{os.getpid()}"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cubin = out_dir / f"masked_patch_attention.sm_{arch}.cubin"
+    cmd = [nvcc, "-std=c++17", "-O3", f"-arch=sm_{arch}", "-cubin", "-Xptxas", "-v", "-Werror", "all-warnings",
+           f"-I{ROOT / 'kernels'}", f"-I{ROOT}", str(SRC), "-o", str(cubin)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-4000:]
+    sass = subprocess.run([cuobjdump, "-sass", str(cubin)], capture_output=True, text=True, timeout=300)
+    assert sass.returncode == 0, sass.stderr
+    usage = subprocess.run([cuobjdump, "-res-usage", str(cubin)], capture_output=True, text=True, timeout=300)
+    assert usage.returncode == 0, usage.stderr
+
+    funcs = {}  # name -> SASS text
+    cur = None
+    for line in sass.stdout.splitlines():
+        m = re.match(r"\s*Function : (\S+)", line)
+        if m:
+            cur = m.group(1)
+            funcs[cur] = []
+        elif cur is not None:
+            funcs[cur].append(line)
+    funcs = {k: "\n".join(v) for k, v in funcs.items()}
+
+    res_usage = {}  # name -> {REG, STACK, SHARED, LOCAL}
+    lines = usage.stdout.splitlines()
+    for i, line in enumerate(lines):
+        m = re.match(r"\s*Function (\S+):", line)
+        if m and i + 1 < len(lines):
+            res_usage[m.group(1)] = {k: int(v) for k, v in re.findall(r"(\w+):(\d+)", lines[i + 1])}
+
+    spills = {}  # name -> (spill stores, spill loads), from ptxas -v
+    cur = None
+    for line in res.stderr.splitlines():
+        m = re.search(r"Function properties for (\S+)", line)
+        if m:
+            cur = m.group(1)
+        m = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", line)
+        if m and cur:
+            spills[cur] = (int(m.group(1)), int(m.group(2)))
+    _CACHE[arch] = dict(funcs=funcs, usage=res_usage, spills=spills)
+    return _CACHE[arch]
+
+
+@pytest.mark.parametrize("arch", [80, 90])
+def test_attention_kernels_use_tensor_cores(arch):
+    c = compile_arch(arch)
+    tc = {}
+    for name, text in c["funcs"].items():
+        kind, dtype, dp = kernel_info(name)
+        if kind is not None:
+            tc[(kind, dtype, dp)] = name
+            assert "HMMA.16816" in text, f"sm_{arch}: {name} has no HMMA.16816 (tensor-core mma)"
+        elif "mpa_" in name:  # fp32 / delta kernels: exact fp32 math, no tensor cores
+            assert "HMMA" not in text, f"sm_{arch}: {name} uses tensor cores"
+    expected = {(k, d, dp) for k in TC_KINDS for d in ("fp16", "bf16") for dp in HEAD_DIMS}
+    assert set(tc) == expected, f"sm_{arch}: missing {sorted(expected - set(tc))}"
+
+
+@pytest.mark.parametrize("arch", [80, 90])
+def test_attention_kernels_no_local_memory_and_fit(arch):
+    c = compile_arch(arch)
+    assert c["funcs"] and set(c["usage"]) >= set(c["funcs"])
+    for name, text in c["funcs"].items():
+        assert not re.search(r"\b(STL|LDL)(\.\S+)?\s", text), f"sm_{arch}: {name} touches local memory (STL/LDL)"
+        assert c["spills"].get(name, (0, 0)) == (0, 0), f"sm_{arch}: {name} spills {c['spills'][name]}"
+        u = c["usage"][name]
+        assert u.get("LOCAL", 0) == 0 and u.get("STACK", 0) == 0, f"sm_{arch}: {name} uses local memory {u}"
+        assert u["REG"] <= 255, f"sm_{arch}: {name} needs {u['REG']} registers"
+        kind, _, dp = kernel_info(name)
+        dyn = dkdv_dynamic_smem(dp) if kind == "mpa_dkdv_tc_kernel" else 0
+        assert u["SHARED"] + dyn <= SMEM_LIMIT[arch], f"sm_{arch}: {name} needs {u['SHARED']} + {dyn} B shared"
+    # the spill report covered every kernel
+    assert set(c["spills"]) >= set(c["funcs"])

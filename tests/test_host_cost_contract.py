@@ -1,0 +1,109 @@
+"""What issue #11 asks of every op call's host work, checked without timing anything
+(timings live in bench/bench_overhead.py):
+
+- an explicit ``backend="cuda"`` attention call the CUDA kernel cannot run is refused in Python,
+  before the native op is called (the first GPU run crashed its process on head dim 160);
+- step sizes and eps travel as Python floats: ``pgd_step_`` allocates nothing for them and reaches
+  the native ``.scalar`` overload;
+- validation reads no tensor values of non-CPU tensors (here: ``meta`` tensors, which have none),
+  so an op never synchronizes a CUDA stream for its checks.
+"""
+import importlib
+
+import pytest
+import torch
+
+from maep_fast import native_available
+from maep_fast.ops.masked_patch_attention import masked_patch_attention
+
+mpa_mod = importlib.import_module("maep_fast.ops.masked_patch_attention")
+pgd_mod = importlib.import_module("maep_fast.ops.pgd_step")
+prl_mod = importlib.import_module("maep_fast.ops.patch_recon_loss")
+
+
+@pytest.fixture
+def cuda_resolved(monkeypatch):
+    """Attention resolved to the CUDA backend, with a native op that must never be reached."""
+    monkeypatch.setattr(mpa_mod, "resolve_backend", lambda op, backend, device: "cuda")
+
+    def reached(*args):
+        raise AssertionError("the native CUDA op was called with inputs its kernel cannot run")
+
+    monkeypatch.setattr(mpa_mod, "_native_attention", lambda: reached)
+
+
+def test_explicit_cuda_attention_refuses_fp64_before_the_op(cuda_resolved):
+    q = torch.randn(1, 1, 4, 16, dtype=torch.float64)
+    with pytest.raises(TypeError, match="float64"):
+        masked_patch_attention(q, q, q, backend="cuda")
+
+
+@pytest.mark.parametrize("d", [129, 160, 256])
+def test_explicit_cuda_attention_refuses_wide_heads_before_the_op(cuda_resolved, d):
+    q = torch.randn(1, 1, 4, d)
+    with pytest.raises(ValueError, match="head dim"):
+        masked_patch_attention(q, q, q, backend="cuda")
+
+
+def test_auto_cuda_attention_falls_back_to_the_reference_for_what_the_kernel_cannot_run(cuda_resolved):
+    q = torch.randn(1, 2, 5, 160)
+    ref = mpa_mod.masked_patch_attention_reference(q, q, q)
+    torch.testing.assert_close(masked_patch_attention(q, q, q, backend="auto"), ref)
+
+
+@pytest.mark.skipif(not native_available(), reason="needs the native extension")
+def test_float_step_and_eps_allocate_nothing(monkeypatch):
+    x, g, x0 = torch.rand(3, 2, 4, 4), torch.randn(3, 2, 4, 4), torch.rand(3, 2, 4, 4)
+    expect = pgd_mod.pgd_step_reference(x, g, x0, 0.01, 0.03, "linf", -1, 0.0, 1.0)
+    used = []
+    real = torch.ops.maep_fast.pgd_step_.scalar
+    monkeypatch.setitem(pgd_mod._NATIVE, ("pgd_step_", False), _Spy(real, used))
+
+    def no_alloc(*a, **k):
+        raise AssertionError("pgd_step_ allocated a tensor for a Python-float step / eps")
+
+    for name in ("full", "tensor", "as_tensor", "empty", "zeros", "ones"):
+        monkeypatch.setattr(torch, name, no_alloc)
+    pgd_mod.pgd_step_(x, g, x0, 0.01, 0.03, direction=-1, backend="cpp")
+    monkeypatch.undo()
+    assert used == ["scalar"]
+    torch.testing.assert_close(x, expect, rtol=0, atol=0)
+
+
+class _Spy:
+    def __init__(self, op, log):
+        self._op_real, self._log = op, log
+
+    def __call__(self, *a):
+        self._log.append("scalar")
+        return self._op_real(*a)
+
+    @property
+    def _op(self):
+        return self
+
+
+def _meta(*shape):
+    return torch.empty(*shape, device="meta")
+
+
+def test_pgd_validation_reads_no_device_values():
+    x = _meta(4, 3, 8, 8)
+    step, eps, lo, hi = pgd_mod._validate(x, _meta(4, 3, 8, 8), _meta(4, 3, 8, 8), _meta(4), _meta(4), "linf", 1,
+                                          (0.0, 1.0))
+    assert step.device.type == "meta" and eps.shape == (4,) and (lo, hi) == (0.0, 1.0)
+    assert pgd_mod._validate(x, _meta(4, 3, 8, 8), _meta(4, 3, 8, 8), 0.1, 0.2, "l2", -1, None)[:2] == (0.1, 0.2)
+
+
+def test_loss_and_attention_validation_read_no_device_values():
+    prl_mod._validate(_meta(2, 16, 12), _meta(2, 3, 8, 8), _meta(2, 16), 2, 2, "per_sample")
+    q = _meta(2, 3, 5, 8)
+    mpa_mod._validate(q, q, q, torch.ones(2, 5, dtype=torch.bool, device="meta"), None)
+
+
+def test_cpu_per_sample_values_are_still_checked():
+    x, g, x0 = torch.rand(2, 3), torch.randn(2, 3), torch.rand(2, 3)
+    with pytest.raises(ValueError, match="eps"):
+        pgd_mod.pgd_step(x, g, x0, 0.01, torch.tensor([0.1, -0.1]), backend="torch")
+    with pytest.raises(ValueError, match="step_size"):
+        pgd_mod.pgd_step(x, g, x0, torch.tensor([0.1, float("nan")]), 0.1, backend="torch")
