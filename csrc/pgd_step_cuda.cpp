@@ -9,6 +9,7 @@
 #include "kernels/pgd_step.cuh"
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -42,10 +43,16 @@ void launch(const at::Tensor& x, const at::Tensor& grad, const at::Tensor& x0, P
   const int64_t n = batch == 0 ? 0 : x.numel() / batch;
   if (batch == 0 || n == 0) return;
   const c10::cuda::CUDAGuard guard(x.device());
+  const auto kdt = to_kernel_dtype(x.scalar_type());
+  const auto knorm = l2 ? cuda::PgdNorm::kL2 : cuda::PgdNorm::kLinf;
+  // Partial sums of the large-sample L2 path: from the caching allocator, on the current stream.
+  const int64_t ws_bytes = cuda::pgd_step_workspace_bytes(kdt, batch, n, knorm);
+  at::Tensor ws;
+  if (ws_bytes > 0) ws = at::empty({ws_bytes}, x.options().dtype(at::kByte));
   const cudaError_t err = cuda::launch_pgd_step(
-      to_kernel_dtype(x.scalar_type()), x.const_data_ptr(), grad.const_data_ptr(), x0.const_data_ptr(),
-      out.mutable_data_ptr(), values_or_null(step_size), step_size.value, values_or_null(eps), eps.value, batch, n,
-      l2 ? cuda::PgdNorm::kL2 : cuda::PgdNorm::kLinf, static_cast<int>(direction), clamp_min, clamp_max,
+      kdt, x.const_data_ptr(), grad.const_data_ptr(), x0.const_data_ptr(), out.mutable_data_ptr(),
+      values_or_null(step_size), step_size.value, values_or_null(eps), eps.value, batch, n, knorm,
+      static_cast<int>(direction), clamp_min, clamp_max, ws_bytes > 0 ? ws.mutable_data_ptr() : nullptr,
       c10::cuda::getCurrentCUDAStream(x.device().index()).stream());
   C10_CUDA_CHECK(err);
 }

@@ -37,7 +37,7 @@ enum class PgdDType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kFloat64 
 template <typename T, typename S>
 cudaError_t launch_pgd_step_typed(const T* x, const T* grad, const T* x0, T* out, PerSample<S> step_size,
                                   PerSample<S> eps, int64_t batch, int64_t per_sample, PgdNorm norm, int direction,
-                                  double clamp_min, double clamp_max, cudaStream_t stream);
+                                  double clamp_min, double clamp_max, void* workspace, cudaStream_t stream);
 
 // Type-erased launcher used by the torch glue (csrc/pgd_step_cuda.cpp).
 // x, grad, x0, out: [batch, per_sample] contiguous in `dtype`;
@@ -47,7 +47,12 @@ cudaError_t launch_pgd_step_typed(const T* x, const T* grad, const T* x0, T* out
 cudaError_t launch_pgd_step(PgdDType dtype, const void* x, const void* grad, const void* x0, void* out,
                             const void* step_size, double step_value, const void* eps, double eps_value,
                             int64_t batch, int64_t per_sample,
-                            PgdNorm norm, int direction, double clamp_min, double clamp_max, cudaStream_t stream);
+                            PgdNorm norm, int direction, double clamp_min, double clamp_max, void* workspace,
+                            cudaStream_t stream);
+
+// Bytes of device workspace launch_pgd_step needs (0: pass nullptr): the large-sample L2 path
+// keeps per-(sample, part) partial sums there.
+int64_t pgd_step_workspace_bytes(PgdDType dtype, int64_t batch, int64_t per_sample, PgdNorm norm);
 
 }  // namespace cuda
 }  // namespace maep_fast

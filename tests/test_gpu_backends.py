@@ -415,6 +415,43 @@ def pgd_ref(x, g, x0, step, eps, norm, direction, dtype):
     return pgd_step_reference(x.to(dtype), g.to(dtype), x0.to(dtype), per(step), per(eps), norm, direction, 0.0, 1.0)
 
 
+# Every path of kernels/pgd_step.cu: packed (size % pack == 0, aligned) or not; L2 one-pass
+# (<= 4096 elements per sample) or the three-kernel grouped path (4097+, and 3x224x224); and an
+# input offset by one element, so its pointer is not 16-byte aligned (the unpacked fallback).
+PGD_PATH_SHAPES = [(5, 4096), (3, 4095), (2, 4097), (4, 8200), (2, 3, 224, 224), (9, 3, 7, 7)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES + (torch.float64,), ids=str)
+@pytest.mark.parametrize("norm", ("linf", "l2"))
+@pytest.mark.parametrize("shape", PGD_PATH_SHAPES, ids=str)
+@pytest.mark.parametrize("offset", (0, 1))
+def test_pgd_cuda_kernel_paths(shape, norm, dtype, offset):
+    need(PGD, "cuda")
+    from maep_fast.ops.pgd_step import pgd_step, pgd_step_
+
+    x, x0 = (torch.rand(shape, device=DEV).to(dtype) for _ in range(2))
+    g = (torch.rand(shape, device=DEV) - 0.5).to(dtype)
+    if offset:  # data pointers one element past a 16-byte boundary: the unpacked fallback
+        x, g, x0 = (_misaligned(t) for t in (x, g, x0))
+    step, eps = (3 / 255, 0.5) if norm == "l2" else (2 / 255, 8 / 255)
+    r64 = pgd_ref(x, g, x0, step, eps, norm, -1, torch.float64)
+    rlp = pgd_ref(x, g, x0, step, eps, norm, -1, dtype)
+    out = pgd_step(x, g, x0, step, eps, norm=norm, direction=-1, backend="cuda")
+    assert_equiv(out, r64, rlp, dtype, f"cuda pgd {shape} {dtype} {norm} offset={offset}")
+    xi = x.clone() if offset == 0 else _misaligned(x)
+    pgd_step_(xi, g, x0, step, eps, norm=norm, direction=-1, backend="cuda")
+    torch.testing.assert_close(xi, out, rtol=0, atol=0)
+
+
+def _misaligned(t):
+    """A contiguous copy of ``t`` whose data pointer is one element past a 16-byte boundary."""
+    buf = torch.empty(t.numel() + 1, device=t.device, dtype=t.dtype)
+    out = buf[1:].view(t.shape)
+    out.copy_(t)
+    assert out.data_ptr() % 16 != 0
+    return out
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("norm", ("linf", "l2"))

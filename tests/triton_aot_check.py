@@ -154,6 +154,7 @@ def _drive_pgd_step(full: bool):
                     for direction in (1, -1):
                         pgd_step_triton(x, x, x, step, eps, norm, direction, lo, hi)
                     pgd_step_triton(x, x, x, step, eps, norm, 1, lo, hi, out=x.clone())
+                    pgd_step_triton(x, x, x, 0.01, 0.03, norm, -1, lo, hi, out=x)  # Python-float step / eps
 
 
 DRIVERS = {"masked_patch_attention": _drive_attention, "patch_recon_loss": _drive_patch_recon_loss,

@@ -54,7 +54,7 @@ def _per_sample(ptr, b, valid, value, CDT: tl.constexpr, FROM_PTR: tl.constexpr)
     if FROM_PTR:
         res = tl.load(ptr + b, mask=valid, other=0.0).to(CDT)
     else:
-        res = value.to(CDT)
+        res = tl.cast(value, CDT)
     return res
 
 
