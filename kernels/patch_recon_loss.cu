@@ -1,6 +1,8 @@
 // Torch-free CUDA kernels of maep_fast::patch_recon_loss; see patch_recon_loss.cuh.
 //
-// One warp per patch (grid-stride over patches), kWarps warps per block.
+// Default: the patch-row kernels further down (one block per row of patches, both tensors
+// staged through shared memory with 16-byte accesses: one HBM pass). Fallback for rows whose
+// tiles do not fit in shared memory: one warp per patch (grid-stride over patches), kWarps warps per block.
 // Passes over the patch (each lane strides over j = lane, lane + 32, ...):
 // sum t -> mean; sum (t - mean)^2 -> std; then the error (forward) or the
 // gradients (backward: one pass writes d pred and accumulates sum(g), sum(g*x_hat)
@@ -17,6 +19,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <initializer_list>
 
 namespace maep_fast {
 namespace cuda {
@@ -142,6 +145,230 @@ __global__ void __launch_bounds__(kThreads) prl_bwd_kernel(const T* __restrict__
   }
 }
 
+// ---- patch-row kernels: one block per row of patches, both tensors staged in shared memory ----
+// A row of patches (n, gy) covers C * ps image rows of W contiguous pixels, and its gw patches
+// are gw * dim = C * ps * W contiguous values of pred: the block copies both into shared memory
+// with coalesced 16-byte accesses (when W and the row's pred span are multiples of the pack and
+// the pointers aligned), computes each patch from shared memory (one warp per patch), and the
+// backward writes d pred and d imgs back the same way. HBM traffic is the minimal one: read pred
+// and imgs once; the backward writes d pred and d imgs once. Used when the two staged tiles fit
+// in kRowSmemMax bytes; else the warp-per-patch kernels above (re-reading from L1/L2).
+constexpr int kRowThreads = 256;
+constexpr int64_t kRowSmemMax = 96 * 1024;  // <= 2 blocks per SM on sm_80 / sm_90 at the largest tiles
+
+template <typename T, int V>
+struct alignas(sizeof(T) * V) RowPack {
+  T v[V];
+};
+
+inline bool row_aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+
+// Shared-memory tile geometry in 32-bit ints (a staged row holds < 2^31 values: kRowSmemMax);
+// 64-bit division compiles to a called routine whose ABI shows up as local-memory spills.
+struct RowGeo {
+  int c, ps, w, gw, dim;
+};
+
+__device__ __forceinline__ RowGeo row_geo(const Geo& g) {
+  return {static_cast<int>(g.c), static_cast<int>(g.ps), static_cast<int>(g.w), static_cast<int>(g.gw),
+          static_cast<int>(g.dim)};
+}
+
+// Image rows of the patch row -> tile[(c * ps + r) * W + x] (compute dtype); V-wide packs.
+// `img` points at image n; `row0` = gy * ps.
+template <typename T, typename C, int V>
+__device__ __forceinline__ void load_img_rows(const T* img, const RowGeo& r, int64_t plane, int64_t row0, C* tile) {
+  using P = RowPack<T, V>;
+  const int wp = r.w / V, rows = r.c * r.ps;
+  for (int i = threadIdx.x; i < rows * wp; i += blockDim.x) {
+    const int row = i / wp, col = i - row * wp;
+    const int ch = row / r.ps, rr = row - ch * r.ps;
+    const P v = reinterpret_cast<const P*>(img + ch * plane + (row0 + rr) * r.w)[col];
+#pragma unroll
+    for (int k = 0; k < V; ++k) tile[row * r.w + col * V + k] = Cvt<T>::ld(v.v[k]);
+  }
+}
+
+template <typename T, typename C, int V>
+__device__ __forceinline__ void store_img_rows(T* img, const RowGeo& r, int64_t plane, int64_t row0, const C* tile) {
+  using P = RowPack<T, V>;
+  const int wp = r.w / V, rows = r.c * r.ps;
+  for (int i = threadIdx.x; i < rows * wp; i += blockDim.x) {
+    const int row = i / wp, col = i - row * wp;
+    const int ch = row / r.ps, rr = row - ch * r.ps;
+    P v;
+#pragma unroll
+    for (int k = 0; k < V; ++k) v.v[k] = Cvt<T>::st(tile[row * r.w + col * V + k]);
+    reinterpret_cast<P*>(img + ch * plane + (row0 + rr) * r.w)[col] = v;
+  }
+}
+
+// A contiguous span of `count` values (count % V == 0) <-> tile[0 .. count).
+template <typename T, typename C, int V>
+__device__ __forceinline__ void load_span(const T* src, int count, C* tile) {
+  using P = RowPack<T, V>;
+  for (int i = threadIdx.x; i < count / V; i += blockDim.x) {
+    const P v = reinterpret_cast<const P*>(src)[i];
+#pragma unroll
+    for (int k = 0; k < V; ++k) tile[i * V + k] = Cvt<T>::ld(v.v[k]);
+  }
+}
+
+template <typename T, typename C, int V>
+__device__ __forceinline__ void store_span(T* dst, int count, const C* tile) {
+  using P = RowPack<T, V>;
+  for (int i = threadIdx.x; i < count / V; i += blockDim.x) {
+    P v;
+#pragma unroll
+    for (int k = 0; k < V; ++k) v.v[k] = Cvt<T>::st(tile[i * V + k]);
+    reinterpret_cast<P*>(dst)[i] = v;
+  }
+}
+
+// Index in the image tile of element j (channel-last: j = (pi * ps + qi) * C + ch) of patch gx.
+__device__ __forceinline__ int tile_index(const RowGeo& r, int gx, int j) {
+  const int pq = j / r.c, ch = j - pq * r.c;
+  const int pi = pq / r.ps, qi = pq - pi * r.ps;
+  return (ch * r.ps + pi) * r.w + gx * r.ps + qi;
+}
+
+template <typename C>
+__device__ __forceinline__ void tile_stats(const C* it, const RowGeo& r, int gx, bool norm_pix, int lane, C& mean,
+                                           C& sd) {
+  mean = C(0);
+  sd = C(1);
+  if (!norm_pix) return;
+  C s = C(0);
+  for (int j = lane; j < r.dim; j += 32) s += it[tile_index(r, gx, j)];
+  mean = warp_sum(s) / static_cast<C>(r.dim);
+  C ss = C(0);
+  for (int j = lane; j < r.dim; j += 32) {
+    const C d = it[tile_index(r, gx, j)] - mean;
+    ss += d * d;
+  }
+  const C var = warp_sum(ss) / static_cast<C>(r.dim - 1);  // dim == 1: NaN, like torch.var
+  sd = sqrt(var + static_cast<C>(1e-6));
+}
+
+template <typename T, typename C, int V>
+__global__ void __launch_bounds__(kRowThreads) prl_row_fwd_kernel(const T* __restrict__ pred,
+                                                                   const T* __restrict__ imgs, C* __restrict__ err,
+                                                                   Geo g, bool norm_pix, int p) {
+  extern __shared__ __align__(16) unsigned char row_smem[];
+  C* it = reinterpret_cast<C*>(row_smem);  // image tile [C * ps * W]
+  const RowGeo r = row_geo(g);
+  const int span = r.c * r.ps * r.w;  // = gw * dim
+  C* pt = it + span;                  // pred tile [gw * dim]
+  const int gh = static_cast<int>(g.h / g.ps);
+  const int64_t n = blockIdx.x / gh;
+  const int gy = static_cast<int>(blockIdx.x - n * gh);
+  const int64_t l0 = static_cast<int64_t>(gy) * r.gw;
+  const int64_t plane = g.h * g.w;
+  load_img_rows<T, C, V>(imgs + n * g.c * plane, r, plane, static_cast<int64_t>(gy) * r.ps, it);
+  load_span<T, C, V>(pred + (n * g.length + l0) * g.dim, span, pt);
+  __syncthreads();
+  const int lane = threadIdx.x & 31;
+  for (int gx = threadIdx.x >> 5; gx < r.gw; gx += kRowThreads / 32) {
+    C mean, sd;
+    tile_stats(it, r, gx, norm_pix, lane, mean, sd);
+    C acc = C(0);
+    for (int j = lane; j < r.dim; j += 32) {
+      const C d = pt[gx * r.dim + j] - (it[tile_index(r, gx, j)] - mean) / sd;
+      acc += p == 2 ? d * d : fabs(d);
+    }
+    acc = warp_sum(acc);
+    if (lane == 0) err[n * g.length + l0 + gx] = acc / static_cast<C>(r.dim);
+  }
+}
+
+template <typename T, typename C, int V>
+__global__ void __launch_bounds__(kRowThreads) prl_row_bwd_kernel(const T* __restrict__ pred,
+                                                                   const T* __restrict__ imgs,
+                                                                   const C* __restrict__ weight, T* __restrict__ dpred,
+                                                                   T* __restrict__ dimgs, Geo g, bool norm_pix,
+                                                                   int p) {
+  extern __shared__ __align__(16) unsigned char row_smem[];
+  C* it = reinterpret_cast<C*>(row_smem);  // image tile; becomes the d imgs tile in place
+  const RowGeo r = row_geo(g);
+  const int span = r.c * r.ps * r.w;
+  C* pt = it + span;  // pred tile; becomes the d pred tile in place
+  const int gh = static_cast<int>(g.h / g.ps);
+  const int64_t n = blockIdx.x / gh;
+  const int gy = static_cast<int>(blockIdx.x - n * gh);
+  const int64_t l0 = static_cast<int64_t>(gy) * r.gw;
+  const int64_t plane = g.h * g.w;
+  const int64_t img_off = n * g.c * plane, pred_off = (n * g.length + l0) * g.dim;
+  const int64_t row0 = static_cast<int64_t>(gy) * r.ps;
+  load_img_rows<T, C, V>(imgs + img_off, r, plane, row0, it);
+  load_span<T, C, V>(pred + pred_off, span, pt);
+  __syncthreads();
+  const int lane = threadIdx.x & 31;
+  for (int gx = threadIdx.x >> 5; gx < r.gw; gx += kRowThreads / 32) {
+    const C w = weight[n * g.length + l0 + gx];
+    C* pp = pt + gx * r.dim;
+    if (w == C(0)) {  // not counted: zero gradients
+      for (int j = lane; j < r.dim; j += 32) {
+        pp[j] = C(0);
+        it[tile_index(r, gx, j)] = C(0);
+      }
+      continue;
+    }
+    C mean, sd;
+    tile_stats(it, r, gx, norm_pix, lane, mean, sd);
+    const C k = (p == 2 ? C(2) : C(1)) * w / static_cast<C>(r.dim);
+    C sg = C(0), sgx = C(0);
+    for (int j = lane; j < r.dim; j += 32) {
+      const C t = (it[tile_index(r, gx, j)] - mean) / sd;
+      const C d = pp[j] - t;
+      const C gv = p == 2 ? k * d : k * (d > C(0) ? C(1) : (d < C(0) ? C(-1) : C(0)));
+      pp[j] = gv;  // d pred, in place (this lane read pp[j] just above)
+      sg -= gv;    // d target = -gv
+      sgx -= gv * t;
+    }
+    C mg = C(0), kx = C(0);
+    if (norm_pix) {
+      mg = warp_sum(sg) / static_cast<C>(r.dim);
+      kx = warp_sum(sgx) / (static_cast<C>(r.dim - 1) * sd);
+    }
+    for (int j = lane; j < r.dim; j += 32) {
+      const int ti = tile_index(r, gx, j);
+      const C t = (it[ti] - mean) / sd;
+      const C gt = -pp[j];
+      it[ti] = norm_pix ? (gt - mg) / sd - t * kx : gt;  // d imgs, in place (same lane, same element)
+    }
+  }
+  __syncthreads();
+  store_span<T, C, V>(dpred + pred_off, span, pt);
+  store_img_rows<T, C, V>(dimgs + img_off, r, plane, row0, it);
+}
+
+template <typename K>
+bool allow_row_smem(K kernel, int64_t bytes) {
+  if (bytes <= 48 * 1024) return true;
+  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)) ==
+         cudaSuccess;
+}
+
+// Bytes of the two staged tiles, or -1 when the patch-row kernels do not apply.
+template <typename C>
+int64_t row_smem_bytes(const Geo& g, int64_t n) {
+  const int64_t bytes = 2 * g.c * g.ps * g.w * static_cast<int64_t>(sizeof(C));
+  const int64_t blocks = n * (g.h / g.ps);
+  return (bytes <= kRowSmemMax && blocks <= 0x7fffffffLL) ? bytes : -1;
+}
+
+// Pack width for the staged copies: 16-byte packs when every image row and the pred span split
+// into whole packs and every pointer is 16-byte aligned.
+template <typename T>
+bool row_packed(const Geo& g, std::initializer_list<const void*> ptrs) {
+  constexpr int64_t V = 16 / static_cast<int64_t>(sizeof(T));
+  if (g.w % V != 0) return false;  // also makes the pred span (a multiple of W) whole packs
+  for (const void* q : ptrs) {
+    if (!row_aligned16(q)) return false;
+  }
+  return true;
+}
+
 bool make_geo(const PrlShape& s, Geo& g, int64_t& num_patches) {
   if (s.n < 0 || s.c < 1 || s.h < 1 || s.w < 1 || s.ps < 1 || s.h % s.ps != 0 || s.w % s.ps != 0) return false;
   g.c = s.c;
@@ -160,17 +387,55 @@ unsigned grid_for(int64_t num_patches) {
   return static_cast<unsigned>(std::min<int64_t>(std::max<int64_t>(blocks, 1), 65535));
 }
 
+template <typename T, typename C, int V>
+cudaError_t row_fwd(const void* pred, const void* imgs, void* err, const Geo& g, int64_t n, int64_t bytes,
+                    bool norm_pix, int p, cudaStream_t stream) {
+  auto kernel = prl_row_fwd_kernel<T, C, V>;
+  if (!allow_row_smem(kernel, bytes)) return cudaGetLastError();
+  kernel<<<static_cast<unsigned>(n * (g.h / g.ps)), kRowThreads, static_cast<size_t>(bytes), stream>>>(
+      static_cast<const T*>(pred), static_cast<const T*>(imgs), static_cast<C*>(err), g, norm_pix, p);
+  return cudaGetLastError();
+}
+
 template <typename T, typename C>
 cudaError_t fwd_typed(const void* pred, const void* imgs, void* err, const Geo& g, int64_t np, bool norm_pix, int p,
                       cudaStream_t stream) {
+  const int64_t n = np / g.length;
+  const int64_t bytes = row_smem_bytes<C>(g, n);
+  if (bytes > 0) {
+    if (row_packed<T>(g, {pred, imgs})) {
+      return row_fwd<T, C, 16 / static_cast<int>(sizeof(T))>(pred, imgs, err, g, n, bytes, norm_pix, p, stream);
+    }
+    return row_fwd<T, C, 1>(pred, imgs, err, g, n, bytes, norm_pix, p, stream);
+  }
   prl_fwd_kernel<T, C><<<grid_for(np), kThreads, 0, stream>>>(
       static_cast<const T*>(pred), static_cast<const T*>(imgs), static_cast<C*>(err), np, g, norm_pix, p);
+  return cudaGetLastError();
+}
+
+template <typename T, typename C, int V>
+cudaError_t row_bwd(const void* pred, const void* imgs, const void* weight, void* dpred, void* dimgs, const Geo& g,
+                    int64_t n, int64_t bytes, bool norm_pix, int p, cudaStream_t stream) {
+  auto kernel = prl_row_bwd_kernel<T, C, V>;
+  if (!allow_row_smem(kernel, bytes)) return cudaGetLastError();
+  kernel<<<static_cast<unsigned>(n * (g.h / g.ps)), kRowThreads, static_cast<size_t>(bytes), stream>>>(
+      static_cast<const T*>(pred), static_cast<const T*>(imgs), static_cast<const C*>(weight), static_cast<T*>(dpred),
+      static_cast<T*>(dimgs), g, norm_pix, p);
   return cudaGetLastError();
 }
 
 template <typename T, typename C>
 cudaError_t bwd_typed(const void* pred, const void* imgs, const void* weight, void* dpred, void* dimgs, const Geo& g,
                       int64_t np, bool norm_pix, int p, cudaStream_t stream) {
+  const int64_t n = np / g.length;
+  const int64_t bytes = row_smem_bytes<C>(g, n);
+  if (bytes > 0) {
+    if (row_packed<T>(g, {pred, imgs, dpred, dimgs})) {
+      return row_bwd<T, C, 16 / static_cast<int>(sizeof(T))>(pred, imgs, weight, dpred, dimgs, g, n, bytes, norm_pix,
+                                                              p, stream);
+    }
+    return row_bwd<T, C, 1>(pred, imgs, weight, dpred, dimgs, g, n, bytes, norm_pix, p, stream);
+  }
   prl_bwd_kernel<T, C><<<grid_for(np), kThreads, 0, stream>>>(
       static_cast<const T*>(pred), static_cast<const T*>(imgs), static_cast<const C*>(weight), static_cast<T*>(dpred),
       static_cast<T*>(dimgs), np, g, norm_pix, p);

@@ -273,6 +273,10 @@ PRL_CASES = [
     ((5, 3, 32, 32, 4), False, 2, "none", "all"),
     ((2, 1, 32, 32, 4), True, 2, "mean", "empty_sample"),
     ((7, 3, 32, 32, 4), False, 1, "mean", "none"),
+    # the patch-row kernel with more than 48 KB of shared memory (224 x 224, patch 16), and a row
+    # too wide to stage (W = 2048): the warp-per-patch fallback
+    ((2, 3, 224, 224, 16), True, 2, "per_sample", "ragged"),
+    ((1, 3, 16, 2048, 16), True, 1, "mean", "ragged"),
 ]
 
 
