@@ -141,6 +141,18 @@ def test_launcher_poisoned_out_and_multi_part_loops(shape, norm):
         check(out, x, g, x0, step, eps, norm, -1, (0.0, 1.0))
 
 
+@pytest.mark.parametrize("m", [4096, 4097])  # the last one-pass size, the first three-launch one
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_l2_one_pass_and_three_launch_paths_meet(m, dtype):
+    from maep_fast.ops.triton_kernels import pgd_step as tk
+
+    x, g, x0, step, eps = make_inputs((3, m), dtype)
+    out = torch.full_like(x, float("nan"))
+    tk.pgd_step_triton(x, g, x0, step, eps, "l2", -1, 0.0, 1.0, out=out)
+    check(out, x, g, x0, step, eps, "l2", -1, (0.0, 1.0))
+    assert (m <= tk.RESIDENT_MAX) == (m == 4096)
+
+
 def test_noncontiguous_inputs():
     x, g, x0, _, _ = make_inputs((4, 6, 10), torch.float32)
     xt, gt, x0t = x.transpose(1, 2), g.transpose(1, 2), x0.transpose(1, 2)

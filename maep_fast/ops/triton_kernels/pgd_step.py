@@ -6,7 +6,9 @@ storage dtype.
 
 - L-inf: one elementwise launch over the flattened [B * M] tensor; the sample
   index of an element is ``offset // M`` (per-sample step/eps are gathered).
-- L2: three launches over a [B, NPART] grid, each program owning a contiguous
+- L2, samples of <= RESIDENT_MAX elements: one program per sample keeps x, g, x0 in
+  registers through both norms: one pass over memory (3 reads + 1 write).
+- L2, larger samples: three launches over a [B, NPART] grid, each program owning a contiguous
   chunk of one sample: (1) partial sums of grad^2, (2) gradient norm (every
   program re-reduces the NPART partials of its sample, deterministically and
   identically), update and partial sums of (x' - x0)^2, (3) both norms,
@@ -174,6 +176,45 @@ def _pgd_l2_project_kernel(
         tl.store(out_ptr + base + idx, xn.to(out_ptr.dtype.element_ty), mask=valid)
 
 
+@triton.jit
+def _pgd_l2_resident_kernel(
+    out_ptr, x_ptr, g_ptr, x0_ptr, step_ptr, eps_ptr, bounds_ptr,
+    M, direction, lo, hi, step_val, eps_val,
+    CDT: tl.constexpr, HAS_CLAMP: tl.constexpr, BOUNDS_FROM_PTR: tl.constexpr,
+    STEP_PTR: tl.constexpr, EPS_PTR: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """One program per sample of <= RESIDENT_MAX elements: x, g, x0 loaded once and kept in
+    registers through both norms, the result stored once (one pass over memory)."""
+    b = tl.program_id(0).to(tl.int64)
+    idx = tl.arange(0, BLOCK)
+    valid = idx < M
+    base = b * M
+    x, g, x0 = _load_x_g_x0(x_ptr, g_ptr, x0_ptr, base + idx, valid, CDT)
+    gsq = tl.sum(g * g, axis=0)
+    if CDT == tl.float64:
+        gn = tl.sqrt(gsq)
+    else:
+        gn = tl.sqrt_rn(gsq)
+    gnorm = tl.maximum(gn, 1e-12, propagate_nan=tl.PropagateNan.ALL)
+    s = direction * _per_sample(step_ptr, b, True, step_val, CDT, STEP_PTR)
+    delta = tl.where(valid, (x + s * g / gnorm) - x0, 0.0)
+    dsq = tl.sum(delta * delta, axis=0)
+    if CDT == tl.float64:
+        dnorm = tl.sqrt(dsq)
+    else:
+        dnorm = tl.sqrt_rn(dsq)
+    e = _per_sample(eps_ptr, b, True, eps_val, CDT, EPS_PTR)
+    factor = tl.where(dnorm > e, e / tl.maximum(dnorm, 1e-12), 1.0).to(CDT)
+    xn = x0 + delta * factor
+    if HAS_CLAMP:
+        lo_v, hi_v = _clamp_bounds(bounds_ptr, lo, hi, BOUNDS_FROM_PTR)
+        xn = _clip(xn, lo_v, hi_v)
+    tl.store(out_ptr + base + idx, xn.to(out_ptr.dtype.element_ty), mask=valid)
+
+
+RESIDENT_MAX = 4096  # elements per sample the one-pass L2 kernel keeps in registers
+
+
 def _block(n: int, gpu_block: int) -> int:
     if _INTERPRET:  # the interpreter's cost is per program: few, wide programs
         return max(16, min(triton.next_power_of_2(n), 1 << 14))
@@ -209,8 +250,8 @@ def pgd_step_triton(
     and dtype; ``step``/``eps``: Python floats (launch arguments, nothing allocated) or
     [B] tensors. ``out`` may be ``x``
     (in place) or a caller buffer (tests poison it with NaN); else allocated.
-    ``block`` / ``max_parts`` are private test hooks (force several programs
-    per sample and several loop iterations per program on small inputs)."""
+    ``block`` / ``max_parts`` are private test hooks (force the three-launch L2 path with several
+    programs per sample and several loop iterations per program on small inputs)."""
     if out is None:
         out = torch.empty_like(x, memory_format=torch.contiguous_format)
     b = x.shape[0]
@@ -235,6 +276,14 @@ def pgd_step_triton(
             out, x, grad, x0, step_p, eps_p, bounds, total, m, direction, lo, hi, step_v, eps_v,
             CDT=cdt, HAS_CLAMP=has_clamp, BOUNDS_FROM_PTR=bounds_from_ptr,
             STEP_PTR=step_from_ptr, EPS_PTR=eps_from_ptr, BLOCK=block, num_warps=4,
+        )
+        return out
+    if block is None and max_parts == MAX_PARTS and m <= RESIDENT_MAX:
+        rblock = max(16, triton.next_power_of_2(m))
+        _pgd_l2_resident_kernel[(b,)](
+            out, x, grad, x0, step_p, eps_p, bounds, m, direction, lo, hi, step_v, eps_v,
+            CDT=cdt, HAS_CLAMP=has_clamp, BOUNDS_FROM_PTR=bounds_from_ptr,
+            STEP_PTR=step_from_ptr, EPS_PTR=eps_from_ptr, BLOCK=rblock, num_warps=4 if rblock <= 1024 else 8,
         )
         return out
     block = block or _block(m, 1024)
