@@ -41,7 +41,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import flops as flopmod  # noqa: E402
-from common import RESULTS, backend_env, measure_ceilings, run_meta, sync, time_fn, write_results  # noqa: E402
+from common import (RESULTS, CompileTimeout, append_row, backend_env, measure_ceilings, run_meta,  # noqa: E402
+                    start_results, sync, time_fn, timed_warmup)
 
 from maep_fast.models.presets import PRESETS, create_mae  # noqa: E402
 from maep_fast.purify.mae_pure import MAEPure  # noqa: E402
@@ -110,45 +111,62 @@ class MemProbe:
             self.result = {"cpu_rss_growth_MB": round(self.rss.delta_mb, 1)}
 
 
-def measure(fn, device, budget_s: float, max_repeat: int, warm=None) -> dict:
-    """Warm up (``warm`` if given, a cheaper stand-in, else one call of ``fn``: compiles, allocates),
-    time one call to size the repeats, then as many calls as fit ``budget_s`` (1..max_repeat; median
-    via common.time_fn). A config that fits only one call keeps the sizing call as its measurement."""
-    (warm or fn)()
-    sync(device)
+def measure(fn, device, budget_s: float, max_repeat: int, warm=None, warm_limit_s: float | None = None) -> dict:
+    """Warm up (``warm`` if given, a cheaper stand-in, else one call of ``fn``: compiles, allocates;
+    bounded by ``warm_limit_s``: common.CompileTimeout past it), time one synchronized call to size
+    the repeats, then as many calls as fit ``budget_s`` (1..max_repeat) through common.time_fn: on
+    CUDA ``median_ms`` is the median of CUDA-event times over back-to-back calls (no L2 flush: the
+    model's weights staying in L2 is part of a purifier's throughput) and ``latency_ms`` the wall
+    clock of one synchronized call. A config that fits only one call keeps the sizing call (a
+    latency) as its measurement."""
+    warm_s = timed_warmup(warm or fn, device, warm_limit_s)
     with MemProbe(device) as mp:
         t0 = time.perf_counter()
         fn()
         sync(device)
         first = time.perf_counter() - t0
-    repeat = max(1, min(max_repeat, int(budget_s / max(first, 1e-6))))
+    # CUDA: the kernel loop and a few latency calls come on top of the budgeted calls
+    per = 1.5 if device.type == "cuda" else 1.0
+    repeat = max(1, min(max_repeat, int(budget_s / max(first * per, 1e-6))))
     if repeat == 1:
-        t = {"median_ms": first * 1e3, "min_ms": first * 1e3, "iqr_ms": 0.0, "n": 1}
+        t = {"median_ms": first * 1e3, "min_ms": first * 1e3, "iqr_ms": 0.0, "n": 1, "latency_ms": first * 1e3,
+             "kernel_ms": None}
     else:
         with MemProbe(device) as mp:
-            t = time_fn(fn, device, warmup=0, repeat=repeat)
+            t = time_fn(fn, device, warmup=0, repeat=repeat, flush=False,
+                        latency_repeat=max(1, min(3, repeat // 2)) if device.type == "cuda" else None)
     t.update(mp.result)
+    t["warmup_s"] = warm_s
     return t
 
 
 class Bench:
-    def __init__(self, args, device, ceil):
-        self.args, self.device, self.ceil = args, device, ceil
-        self.rows: list[dict] = []
+    def __init__(self, args, device, ceil, writer):
+        self.args, self.device, self.ceil, self.writer = args, device, ceil, writer
+        self.rows: list[dict] = writer.rows  # every row is appended (and the files rewritten) when measured
         self.t0 = time.time()
         self.last: dict[str, tuple[int, float]] = {}  # series -> (batch, seconds per call) for projections
+        self.compile_failed: dict[str, str] = {}  # series whose compile warm-up ran over -> reason
+
+    def add(self, row: dict) -> None:
+        append_row(self.writer, row)
+
+    def _skip(self, row: dict, why: str) -> None:
+        row["skipped"] = why
+        self.add(row)
+        print(f"  {self._label(row):44s} B{row.get('batch', 0):<4d} skipped: {why}", flush=True)
 
     def run(self, series: dict, batch: int, make_fn, flops_per_image: int | None, scale: float = 1.0,
-            warm=None, extra: dict | None = None):
-        """Time make_fn() at ``batch``; ``scale`` multiplies the measured time (extrapolated step counts)."""
+            warm=None, extra: dict | None = None, compiled: bool = False):
+        """Time make_fn() at ``batch``; ``scale`` multiplies the measured time (extrapolated step counts).
+        ``compiled``: the warm-up compiles (torch.compile), bounded by --compile-warmup-s."""
         a = self.args
         row = {**series, "batch": batch, **(extra or {})}
         key = "|".join(str(series[k]) for k in sorted(series))
         if a.time_limit_s and time.time() - self.t0 > a.time_limit_s:
-            row["skipped"] = f"--time-limit-s {a.time_limit_s:.0f} reached"
-            self.rows.append(row)
-            print(f"  {self._label(row):44s} B{batch:<4d} skipped: {row['skipped']}")
-            return
+            return self._skip(row, f"--time-limit-s {a.time_limit_s:.0f} reached")
+        if compiled and key in self.compile_failed:
+            return self._skip(row, f"an earlier warm-up of this series ran over: {self.compile_failed[key]}")
         if key in self.last:
             b0, s0 = self.last[key]
             proj = s0 * batch / b0
@@ -158,25 +176,40 @@ class Bench:
             proj = flops_per_image * batch / scale / (ceil * 1e12) if (flops_per_image and ceil) else 0.0
             why = f"at least {proj:.0f} s per call (FLOPs / measured matmul ceiling) > --max-call-s {a.max_call_s}"
         if proj > a.max_call_s:
-            row["skipped"] = why
-            self.rows.append(row)
-            print(f"  {self._label(row):44s} B{batch:<4d} skipped: {row['skipped']}")
-            return
+            return self._skip(row, why)
+        limit = None
+        if compiled and a.compile_warmup_s:
+            limit = a.compile_warmup_s
+            if a.time_limit_s:  # never let a warm-up run past the whole run's limit
+                limit = max(1.0, min(limit, a.time_limit_s - (time.time() - self.t0)))
         try:
             fn = make_fn()
-            t = measure(fn, self.device, a.budget_s, a.repeat, warm=warm)
+            t = measure(fn, self.device, a.budget_s, a.repeat, warm=warm, warm_limit_s=limit)
+        except CompileTimeout as exc:
+            why = f"compile {exc} (--compile-warmup-s {a.compile_warmup_s:g}); dynamo reset, run goes on"
+            self.compile_failed[key] = why
+            row["compile_warmup_s"] = round(limit or 0.0, 1)
+            return self._skip(row, why)
         except Exception as exc:  # OOM or a broken path: report it, keep going
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
             row["error"] = f"{type(exc).__name__}: {exc}"[:300]
-            self.rows.append(row)
-            print(f"  {self._label(row):44s} B{batch:<4d} ERROR {row['error']}")
+            self.add(row)
+            print(f"  {self._label(row):44s} B{batch:<4d} ERROR {row['error']}", flush=True)
             return
         ms = t["median_ms"] * scale
         self.last[key] = (batch, t["median_ms"] / 1e3)
         ips = batch / (ms * 1e-3)
         row.update(median_ms=round(ms, 3), iqr_ms=round(t["iqr_ms"] * scale, 3), repeats=t["n"],
                    images_per_s=round(ips, 3), ms_per_image=round(ms / batch, 4))
+        if t.get("latency_ms") is not None:
+            row.update(latency_ms=round(t["latency_ms"] * scale, 3),
+                       images_per_s_latency=round(batch / (t["latency_ms"] * scale * 1e-3), 3))
+        if t.get("kernel_ms") is not None:
+            row["timing"] = "cuda events" + (", host-bound" if t.get("host_bound") else "")
+        row["warmup_s"] = round(t["warmup_s"], 2)
+        if compiled:
+            row["compile_warmup_s"] = round(t["warmup_s"], 2)
         for k in ("peak_mem_MB", "peak_mem_over_resident_MB", "cpu_rss_growth_MB"):
             if k in t:
                 row[k] = t[k]
@@ -184,10 +217,12 @@ class Bench:
             tf = ips * flops_per_image / 1e12
             row.update(gflop_per_image=round(flops_per_image / 1e9, 4), achieved_TFLOPs=round(tf, 4),
                        mfu=self.mfu(tf, series["dtype"]))
-        self.rows.append(row)
+        self.add(row)
         mem = row.get("peak_mem_MB", row.get("cpu_rss_growth_MB"))
+        lat = f"  latency {row['latency_ms']:.2f} ms" if "latency_ms" in row and "timing" in row else ""
+        warm_note = f"  compile warm-up {row['compile_warmup_s']:.1f} s" if compiled else ""
         print(f"  {self._label(row):44s} B{batch:<4d} {ms:10.2f} ms  {ips:10.2f} img/s  "
-              f"MFU {row.get('mfu', float('nan')):.3f}  mem {mem} MB  (n={t['n']})")
+              f"MFU {row.get('mfu') or float('nan'):.3f}  mem {mem} MB  (n={t['n']}){lat}{warm_note}", flush=True)
 
     def _ceiling(self, dtype: str) -> float | None:
         return self.ceil.get(f"matmul_{dtype}_TFLOPs", self.ceil.get("matmul_float32_TFLOPs"))
@@ -242,7 +277,7 @@ def bench_maep(B: Bench, preset: str, base_model, dtype, batches, fl, use_compil
                 with torch.no_grad(), amp(dev, dtype):
                     ref._check(x)
                     return compiled(x)
-            B.run({**common, "variant": "compile"}, b, lambda: comp, fl["maep"])
+            B.run({**common, "variant": "compile"}, b, lambda: comp, fl["maep"], compiled=True)
         B.run({**common, "variant": "fused"}, b, lambda: call(fused), fl["maep"])
     del ref_model, fused_model
 
@@ -421,9 +456,14 @@ def summarize(rows) -> list[str]:
 
 
 def _title(meta: dict) -> str:
-    t = f"{meta.get('cpu_model', meta['device'])} | torch {meta['torch']} | git {meta['git_sha']}"
+    """Figure title; works on a partial results file (a run stopped before its end) too."""
+    t = f"{meta.get('cpu_model', meta.get('device', '?'))} | torch {meta.get('torch', '?')} | git {meta.get('git_sha', '?')}"
     if meta.get("device_type") == "cpu":
-        t += f" | {meta['torch_threads']} threads | load {meta['loadavg_start'][0]:.1f}->{meta['loadavg_end'][0]:.1f}"
+        load0 = (meta.get("loadavg_start") or [float("nan")])[0]
+        load1 = (meta.get("loadavg_end") or [float("nan")])[0]
+        t += f" | {meta.get('torch_threads', '?')} threads | load {load0:.1f}->{load1:.1f}"
+    if not meta.get("complete", True):
+        t += f" | PARTIAL: {meta.get('rows_written', '?')} rows"
     return t
 
 
@@ -460,6 +500,9 @@ def main() -> None:
     ap.add_argument("--time-limit-s", type=float, default=None,
                     help="skip the configs left after this many seconds, still writing results (default 420 on cuda: "
                          "the device tool stops a command at 600 s; none on cpu)")
+    ap.add_argument("--compile-warmup-s", type=float, default=None,
+                    help="a torch.compile warm-up (first call of a config) longer than this is recorded as skipped, "
+                         "and later batches of that series too (default 120 on cuda, 300 on cpu; 0: no limit)")
     ap.add_argument("--name", default=None, help="results file stem (default purify_<device>)")
     ap.add_argument("--replot", default=None, metavar="JSON",
                     help="only redraw the PNG next to a results JSON of an earlier run, then exit")
@@ -496,6 +539,8 @@ def main() -> None:
     args.max_call_s = args.max_call_s or (120.0 if gpu else 30.0)
     if args.time_limit_s is None:
         args.time_limit_s = 420.0 if gpu else 0.0
+    if args.compile_warmup_s is None:
+        args.compile_warmup_s = 120.0 if gpu else 300.0
     only = set(args.only.split(","))
     if use_compile:
         for k in ("cache_size_limit", "recompile_limit"):
@@ -514,7 +559,10 @@ def main() -> None:
         mae_pure_batch_sizes=mp_batches,
         train_batch_sizes=train_batches, dtypes=[str(d).split(".")[-1] for d in dtypes], mae_pure_steps=steps_list,
         diffpure_timed_steps=timed_steps, tf32=bool(args.tf32 and gpu), compile=use_compile, quick=q, repeat=args.repeat, budget_s=args.budget_s,
-        max_call_s=args.max_call_s, time_limit_s=args.time_limit_s, env_MAEP_FAST_BACKEND=os.environ.get("MAEP_FAST_BACKEND"),
+        max_call_s=args.max_call_s, time_limit_s=args.time_limit_s, compile_warmup_s=args.compile_warmup_s,
+        timing=("median_ms = median of CUDA-event times over back-to-back calls (no L2 flush), images_per_s from it; "
+                "latency_ms = wall clock of one synchronized call" if gpu else "wall clock of one call"),
+        env_MAEP_FAST_BACKEND=os.environ.get("MAEP_FAST_BACKEND"),
         omp_num_threads=os.environ.get("OMP_NUM_THREADS"),
         memory_method=("torch.cuda.max_memory_allocated over the timed calls (peak_mem_MB, includes weights); "
                        "peak_mem_over_resident_MB subtracts what was allocated before" if gpu else
@@ -537,7 +585,10 @@ def main() -> None:
                            "maep_train_step": flopmod.maep_train_flops(p)}
     meta["flops_per_image"] = {"diffpure_unet_call": unet_call, **{p: v for p, v in fl_by_preset.items()}}
 
-    B = Bench(args, device, ceil)
+    name = args.name or f"purify_{device.type}"
+    writer = start_results(name, meta)
+    print(f"writing {writer.json_path} row by row", flush=True)
+    B = Bench(args, device, ceil, writer)
     torch.manual_seed(0)
     models = {p: create_mae(p).to(device).eval() for p in presets}
     # order: the cheap, headline comparisons first (MAEP, DiffPure, training), MAE-Pure (the slowest) last,
@@ -550,8 +601,8 @@ def main() -> None:
                 print(f"-- MAEP {p} {dname}")
                 bench_maep(B, p, models[p], dtype, batches, fl_by_preset[p], use_compile)
         if "diffpure" in only and diffpure_skip:
-            B.rows.append({"purifier": "DiffPure", "variant": "sde100", "preset": "ddpm_cifar10_unet", "dtype": dname,
-                           "skipped": diffpure_skip})
+            B.add({"purifier": "DiffPure", "variant": "sde100", "preset": "ddpm_cifar10_unet", "dtype": dname,
+                   "skipped": diffpure_skip})
         elif "diffpure" in only:
             print(f"-- DiffPure {dname}")
             if unet is None:
@@ -579,12 +630,12 @@ def main() -> None:
     meta["wall_s"] = round(time.time() - t_start, 1)
     lines = summarize(B.rows)
     meta["summary"] = lines
-    name = args.name or f"purify_{device.type}"
     if not B.rows:
         raise SystemExit(f"nothing was benchmarked (--only {args.only!r})")
-    j, c = write_results(name, meta, B.rows)
+    writer.finish(**meta)
+    j, c = writer.json_path, writer.csv_path
     png = RESULTS / f"{name}.png"
-    have_png = plot(B.rows, png, _title(meta))
+    have_png = plot(B.rows, png, _title(writer.meta))
     print("\n== summary ==")
     for line in lines:
         print(line)

@@ -1,0 +1,208 @@
+"""bench/gpu_check.sh and the benchmark plumbing it relies on (bench/common.py), proven on the CPU.
+
+- the script parses (``bash -n``) and its CPU dry run goes through every step under the caps: a
+  hanging step is cut at its cap and the run goes on, the summary and the tarball appear, the
+  committed bench/results files are not touched, and the exit code follows the GPU tests only;
+- results files are rewritten atomically after every row (a stopped run keeps its rows);
+- a warm-up deadline interrupts the main thread and leaves no timer behind;
+- the CUDA branch of ``time_fn`` (events, L2 flush, busy-wait, latency) against a fake device;
+- bench_purify --replot draws a partial results file.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "bench" / "gpu_check.sh"
+sys.path.insert(0, str(ROOT / "bench"))
+import common  # noqa: E402
+
+
+def _env(**kw) -> dict:
+    env = dict(os.environ)
+    env.pop("MAEP_FAST_BENCH_RESULTS_DIR", None)
+    env.update({k: str(v) for k, v in kw.items()})
+    return env
+
+
+def _steps(out: Path) -> dict[str, dict]:
+    rows = {}
+    for line in (out / "steps.tsv").read_text().splitlines():
+        name, status, rc, secs, cap = line.split("\t")
+        rows[name] = {"status": status, "rc": rc, "seconds": int(secs), "cap": cap}
+    return rows
+
+
+def test_script_parses():
+    subprocess.run(["bash", "-n", str(SCRIPT)], check=True)
+
+
+def test_dry_run_steps_caps_summary_tarball(tmp_path):
+    committed = {p: p.stat().st_mtime_ns for p in (ROOT / "bench" / "results").glob("*")}
+    out = tmp_path / "gc"
+    t0 = time.time()
+    total = 110  # generous: the steps finish early, the deadline only matters on a slow machine
+    proc = subprocess.run(
+        ["bash", str(SCRIPT), "--dry-run", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=total + 60,
+        env=_env(MAEP_FAST_GPU_CHECK_TOTAL_S=total,
+                 # keep it short on two cores: the other steps' plumbing is the same
+                 MAEP_FAST_GPU_CHECK_SKIP="cuda_tests,bench_purify",
+                 MAEP_FAST_GPU_CHECK_HANG="bench_overhead", MAEP_FAST_GPU_CHECK_CAP_bench_overhead=4,
+                 MAEP_FAST_GPU_CHECK_DRYRUN_OPS="pgd_step"))
+    wall = time.time() - t0
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert wall < total + 15, wall  # the deadline holds (+ interpreter start and the tarball)
+    steps = _steps(out)
+    for name in ("env", "build", "triton_tests", "cuda_tests", "memcheck", "bench_overhead", "bench_ops", "bench_purify"):
+        assert name in steps, (name, steps)
+    assert steps["bench_overhead"]["status"] == "timeout" and steps["bench_overhead"]["seconds"] <= 4 + 3
+    for name in ("env", "build", "triton_tests", "memcheck", "bench_ops"):
+        assert steps[name]["status"] == "ok", (name, steps[name], (out / "logs" / f"{name}.log").read_text()[-2000:])
+    assert steps["cuda_tests"]["status"] == steps["bench_purify"]["status"] == "skipped"
+    summary = (out / "summary.txt").read_text()
+    assert "CPU DRY RUN" in summary and "gpu_tests: PASSED" in summary and "git_sha:" in summary
+    assert "torch:" in summary and "triton:" in summary
+    ops = json.loads((out / "results" / "ops_cpu.json").read_text())
+    assert ops["meta"]["complete"] is True and ops["rows"]
+    # compile warm-ups were bounded (1 s each, 2 s in all): skipped with the reason, later rows still measured
+    assert any("compile" in r.get("skipped", "") or "warm-up" in r.get("skipped", "") for r in ops["rows"])
+    assert any(r.get("variant") == "cpp" and r.get("median_ms") for r in ops["rows"])
+    with tarfile.open(out / "gpu_check.tar.gz") as tf:
+        names = tf.getnames()
+    assert "gc/summary.txt" in names and "gc/logs/bench_ops.log" in names and "gc/results/ops_cpu.json" in names
+    assert {p: p.stat().st_mtime_ns for p in (ROOT / "bench" / "results").glob("*")} == committed
+
+
+def test_dry_run_exit_code_follows_gpu_tests(tmp_path):
+    out = tmp_path / "gc"
+    proc = subprocess.run(
+        ["bash", str(SCRIPT), str(out)], cwd=ROOT, capture_output=True, text=True, timeout=120,
+        env=_env(MAEP_FAST_GPU_CHECK_DRYRUN=1, MAEP_FAST_GPU_CHECK_TOTAL_S=60,
+                 MAEP_FAST_GPU_CHECK_SKIP="env,build,cuda_tests,memcheck,bench_overhead,bench_ops,bench_purify",
+                 MAEP_FAST_GPU_CHECK_HANG="triton_tests", MAEP_FAST_GPU_CHECK_CAP_triton_tests=3))
+    assert proc.returncode == 1, proc.stdout[-3000:]
+    assert _steps(out)["triton_tests"]["status"] == "timeout"
+    assert "gpu_tests: FAILED" in (out / "summary.txt").read_text()
+    assert (out / "gpu_check.tar.gz").is_file()
+
+
+def test_results_writer_rewrites_after_every_row(tmp_path):
+    w = common.start_results("x_cpu", {"device": "cpu"}, directory=tmp_path)
+    assert w.json_path == tmp_path / "x_cpu.json"
+    assert json.loads(w.json_path.read_text()) == {"meta": w.meta, "rows": []}
+    common.append_row(w, {"op": "a", "median_ms": 1.0})
+    common.append_row(w, {"op": "b, with a comma", "skipped": 'said "no"'})
+    data = json.loads(w.json_path.read_text())
+    assert [r["op"] for r in data["rows"]] == ["a", "b, with a comma"] and data["meta"]["complete"] is False
+    assert data["meta"]["rows_written"] == 2
+    import csv
+
+    rows = list(csv.DictReader(w.csv_path.open()))
+    assert rows[1]["op"] == "b, with a comma" and rows[1]["skipped"] == 'said "no"' and rows[0]["median_ms"] == "1.0"
+    w.finish(wall_s=3)
+    assert json.loads(w.json_path.read_text())["meta"]["complete"] is True
+    assert not list(tmp_path.glob(".*tmp"))  # no temporary file left behind
+
+
+def test_write_results_still_works(tmp_path, monkeypatch):
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    j, c = common.write_results("old_cpu", {"a": 1}, [{"k": 1}, {"k": 2, "m": 3}])
+    assert json.loads(j.read_text())["rows"][1] == {"k": 2, "m": 3}
+    assert c.read_text().splitlines() == ["k,m", "1,", "2,3"]
+
+
+def test_deadline_interrupts_and_clears():
+    t0 = time.perf_counter()
+    with pytest.raises(common.CompileTimeout):
+        common.timed_warmup(lambda: time.sleep(5), torch.device("cpu"), 0.2)
+    assert time.perf_counter() - t0 < 2
+    import signal
+
+    assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
+    assert common.timed_warmup(lambda: None, torch.device("cpu"), 5) < 1
+    assert not issubclass(common.CompileTimeout, Exception)  # torch.compile's `except Exception` cannot swallow it
+
+
+def test_time_fn_cpu_keys():
+    t = common.time_fn(lambda: torch.ones(8).sum(), torch.device("cpu"), warmup=1, repeat=5)
+    assert t["n"] == 5 and t["median_ms"] == t["latency_ms"] and t["kernel_ms"] is None
+    assert {"median_ms", "min_ms", "iqr_ms", "n"} <= set(t)
+
+
+class _FakeEvent:
+    def __init__(self, log):
+        self.log, self.t = log, None
+
+    def record(self):
+        self.log.append("record")
+        self.t = len([x for x in self.log if x in ("call", "flush", "sleep")])
+
+    def elapsed_time(self, other):
+        return float(other.t - self.t)  # "ms" = device work items between the two events
+
+    def query(self):
+        return False
+
+    def synchronize(self):
+        pass
+
+
+class _FakeCuda:
+    def __init__(self):
+        self.log = []
+
+    def event(self):
+        return _FakeEvent(self.log)
+
+    def synchronize(self):
+        self.log.append("sync")
+
+    def flush(self):
+        self.log.append("flush")
+
+    def sleep(self, ms):
+        self.log.append("sleep")
+        self.slept = ms
+
+
+def test_time_fn_cuda_branch_with_a_fake_device():
+    fake = _FakeCuda()
+    t = common.time_fn(lambda: fake.log.append("call"), torch.device("cuda"), warmup=2, repeat=4, latency_repeat=3,
+                       _cuda=fake)
+    log = fake.log
+    # the busy-wait comes before the first timed call; every timed call has a flush before its start event
+    first_sleep = log.index("sleep")
+    timed = log[first_sleep:]
+    assert timed.count("flush") == 4
+    assert t["n"] == 4 and t["kernel_ms"] == t["median_ms"] == 1.0  # the flush stays outside the events
+    assert t["latency_n"] == 3 and t["latency_ms"] is not None and t["host_bound"] is False
+    # each latency call is fenced by synchronizes; 2 warm-up + 1 sizing + 4 timed + 3 latency calls
+    assert log.count("call") == 2 + 1 + 4 + 3
+    assert log[-2:] == ["call", "sync"]
+    t2 = common.time_fn(lambda: fake.log.append("call"), torch.device("cuda"), warmup=0, repeat=2, target_ms=10,
+                        max_repeat=7, flush=False, latency_repeat=0, _cuda=fake)
+    assert t2["n"] == 7 and t2["latency_ms"] is None  # raised to fill target_ms, capped by max_repeat
+
+
+def test_replot_draws_a_partial_file(tmp_path):
+    pytest.importorskip("matplotlib")
+    w = common.start_results("purify_partial", {"device": "cpu", "device_type": "cpu", "torch": torch.__version__,
+                                                "git_sha": "x", "torch_threads": 1, "loadavg_start": [1.0, 1, 1]},
+                             directory=tmp_path)
+    for b, ips in ((1, 10.0), (8, 40.0)):
+        common.append_row(w, {"purifier": "MAEP", "preset": "demo", "dtype": "float32", "variant": "fused",
+                              "batch": b, "images_per_s": ips})
+    common.append_row(w, {"purifier": "MAEP", "preset": "demo", "dtype": "float32", "variant": "compile", "batch": 1,
+                          "skipped": "compile warm-up exceeded 1 s"})
+    subprocess.run([sys.executable, str(ROOT / "bench" / "bench_purify.py"), "--replot", str(w.json_path)],
+                   check=True, cwd=ROOT, capture_output=True, timeout=120)
+    assert (tmp_path / "purify_partial.png").stat().st_size > 1000
