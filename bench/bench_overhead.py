@@ -14,7 +14,8 @@ is also given by this thread's CPU time, which a loaded machine does not inflate
 The call patterns are the ones the model and the purifiers make: ``pgd_step_`` in place with
 Python-float step / eps (attacks, MAE-Pure), out-of-place ``pgd_step``, ``patch_recon_loss``
 forward with and without a gradient to record (purify / training), ``masked_patch_attention``
-without and with a keep mask.
+without and with a keep mask and recording a gradient; SDPA and ``torch.add`` itself, also
+recording a gradient, for scale.
 """
 from __future__ import annotations
 
@@ -79,6 +80,8 @@ def cases(device: torch.device) -> dict:
     pred_g = rnd(2, 16, 12, requires_grad=True)
     mask = (rnd(2, 16) < 0.75).float()
     q, k, v = rnd(1, 2, 5, 8), rnd(1, 2, 5, 8), rnd(1, 2, 5, 8)
+    qg = rnd(1, 2, 5, 8, requires_grad=True)
+    xg = rnd(2, 3, 8, 8, requires_grad=True)
     keep = torch.tensor([[True, False, True, True, False]], device=device)
     return {
         "pgd_step_ linf (in place, float step/eps)": (
@@ -95,8 +98,13 @@ def cases(device: torch.device) -> dict:
             "masked_patch_attention", lambda be: (lambda: masked_patch_attention(q, k, v, backend=be))),
         "masked_patch_attention (keep mask)": (
             "masked_patch_attention", lambda be: (lambda: masked_patch_attention(q, k, v, keep, backend=be))),
+        "masked_patch_attention, recording grad": (
+            "masked_patch_attention", lambda be: (lambda: masked_patch_attention(qg, k, v, backend=be))),
         "F.scaled_dot_product_attention": (None, lambda be: (lambda: F.scaled_dot_product_attention(q, k, v))),
+        "F.scaled_dot_product_attention, recording grad": (
+            None, lambda be: (lambda: F.scaled_dot_product_attention(qg, k, v))),
         "torch.add": (None, lambda be: (lambda: torch.add(x, x0))),
+        "torch.add, recording grad": (None, lambda be: (lambda: torch.add(xg, x0))),
     }
 
 

@@ -35,6 +35,16 @@ const c10::TypedOperatorHandle<BwdFn>& bwd_op() {
   return op;
 }
 
+constexpr c10::string_view kReductions[] = {"mean", "sum", "per_sample", "none"};
+
+int64_t reduction_index(c10::string_view reduction) {
+  for (int64_t i = 0; i < 4; ++i) {
+    if (kReductions[i] == reduction) return i;
+  }
+  TORCH_CHECK(false, "maep_fast::patch_recon_loss: reduction must be 'mean', 'sum', 'per_sample' or 'none', got '",
+              std::string(reduction), "'");
+}
+
 class PatchReconLossFunction : public torch::autograd::Function<PatchReconLossFunction> {
  public:
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& pred, const at::Tensor& imgs,
@@ -44,9 +54,10 @@ class PatchReconLossFunction : public torch::autograd::Function<PatchReconLossFu
     at::Tensor loss = fwd_op().call(pred, imgs, mask, patch_size, norm_pix, p, reduction);
     const bool has_mask = mask.has_value() && mask->defined();
     ctx->save_for_backward({pred, imgs, has_mask ? *mask : at::Tensor()});
-    // One saved entry (each costs a hash-map insert per call): the schema's small arguments packed.
-    ctx->saved_data["args"] = c10::IValue(std::vector<int64_t>{patch_size, norm_pix, p, has_mask});
-    ctx->saved_data["reduction"] = std::string(reduction);
+    // One saved entry (each costs a hash-map insert per call): the schema's small arguments packed,
+    // the reduction as its index in kReductions.
+    ctx->saved_data["args"] =
+        c10::IValue(std::vector<int64_t>{patch_size, norm_pix, p, has_mask, reduction_index(reduction)});
     return loss;
   }
 
@@ -58,8 +69,8 @@ class PatchReconLossFunction : public torch::autograd::Function<PatchReconLossFu
     at::Tensor go = grads[0];
     if (!go.defined()) return {at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
                                at::Tensor()};
-    const std::string reduction = ctx->saved_data["reduction"].toStringRef();
-    auto [gp, gi] = bwd_op().call(go.contiguous(), saved[0], saved[1], mask, args[0], args[1] != 0, args[2], reduction);
+    auto [gp, gi] = bwd_op().call(go.contiguous(), saved[0], saved[1], mask, args[0], args[1] != 0, args[2],
+                                  kReductions[args[4]]);
     return {ctx->needs_input_grad(0) ? gp : at::Tensor(), ctx->needs_input_grad(1) ? gi : at::Tensor(),
             at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }

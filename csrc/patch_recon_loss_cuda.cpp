@@ -52,7 +52,25 @@ at::Tensor patch_recon_loss_cuda(const at::Tensor& pred_in, const at::Tensor& im
                                                    norm_pix, static_cast<int>(p),
                                                    c10::cuda::getCurrentCUDAStream(pred.device().index()).stream()));
   const bool has_mask = mask.has_value() && mask->defined();
-  const at::Tensor m = has_mask ? mask->to(ct) : at::ones({g.n, g.length}, err.options());
+  if (!has_mask) {  // every patch counts: reduce err itself (no all-ones mask allocated per call)
+    at::Tensor out;
+    switch (g.reduction) {
+      case PrlReduction::kNone:
+        out = err;
+        break;
+      case PrlReduction::kSum:
+        out = err.sum();
+        break;
+      case PrlReduction::kMean:
+        out = err.mean();
+        break;
+      case PrlReduction::kPerSample:
+        out = err.mean(1);
+        break;
+    }
+    return out.to(pred.scalar_type());
+  }
+  const at::Tensor m = mask->to(ct);
   const at::Tensor weighted = err * m;
   at::Tensor res;
   switch (g.reduction) {
@@ -90,24 +108,40 @@ std::tuple<at::Tensor, at::Tensor> patch_recon_loss_backward_cuda(
   const auto ct = compute_dtype(pred.scalar_type());
   const at::Tensor go = grad_out.to(ct);
   const bool has_mask = mask.has_value() && mask->defined();
-  const at::Tensor m = has_mask ? mask->to(ct) : at::ones({g.n, g.length}, go.options());
   at::Tensor w;  // d loss / d err[n, l]
-  switch (g.reduction) {
-    case PrlReduction::kNone:
-      w = go * m;
-      break;
-    case PrlReduction::kSum:
-      w = go * m;
-      break;
-    case PrlReduction::kMean: {
-      const at::Tensor den = m.sum();
-      w = at::where(den > 0, go / den.clamp_min(1e-12), at::zeros_like(den)) * m;
-      break;
+  if (!has_mask) {  // every patch counts: the weights follow from grad_out alone
+    switch (g.reduction) {
+      case PrlReduction::kNone:
+        w = go;
+        break;
+      case PrlReduction::kSum:
+        w = go.expand({g.n, g.length});
+        break;
+      case PrlReduction::kMean:
+        w = (go / static_cast<double>(g.n * g.length)).expand({g.n, g.length});
+        break;
+      case PrlReduction::kPerSample:
+        w = (go / static_cast<double>(g.length)).unsqueeze(1).expand({g.n, g.length});
+        break;
     }
-    case PrlReduction::kPerSample: {
-      const at::Tensor den = m.sum(1);
-      w = at::where(den > 0, go / den.clamp_min(1e-12), at::zeros_like(den)).unsqueeze(1) * m;
-      break;
+  }
+  if (has_mask) {
+    const at::Tensor m = mask->to(ct);
+    switch (g.reduction) {
+      case PrlReduction::kNone:
+      case PrlReduction::kSum:
+        w = go * m;
+        break;
+      case PrlReduction::kMean: {
+        const at::Tensor den = m.sum();
+        w = at::where(den > 0, go / den.clamp_min(1e-12), at::zeros_like(den)) * m;
+        break;
+      }
+      case PrlReduction::kPerSample: {
+        const at::Tensor den = m.sum(1);
+        w = at::where(den > 0, go / den.clamp_min(1e-12), at::zeros_like(den)).unsqueeze(1) * m;
+        break;
+      }
     }
   }
   w = w.contiguous();
