@@ -1,7 +1,13 @@
 """Command line: ``maep-fast <command>`` (also ``python -m maep_fast``).
 
-Commands: demo, train-classifier, train, purify, eval. Numbers such as eps
-accept fractions ("8/255").
+Commands: demo, train-classifier, pretrain, train, purify, eval. Numbers such
+as eps accept fractions ("8/255").
+
+Every training command seeds torch, numpy and Python's ``random`` with
+``--seed`` *before* it builds the model, and snapshots its whole state
+(atomically) under ``OUT/state*``: two runs with the same ``--seed`` give
+bit-identical checkpoints on one machine, and a run killed at any point and
+restarted with ``--resume`` ends with the checkpoint of an uninterrupted one.
 """
 from __future__ import annotations
 
@@ -36,28 +42,51 @@ def _add_data_args(p: argparse.ArgumentParser, split: str) -> None:
     p.add_argument("--root", default=None, help="local directory of cifar10/cifar100/folder data")
     p.add_argument("--split", default=split, choices=["train", "test"])
     p.add_argument("--image-size", type=int, default=None, help="resize images to this square size")
+    if split == "train":
+        p.add_argument("--subset", type=int, default=0,
+                       help="train on a fixed random subset of this many samples (seed 0, whatever --seed); 0 = all")
 
 
 def _load_data(args):
     from maep_fast.data import load_dataset
 
-    return load_dataset(args.data, root=args.root, split=args.split, image_size=args.image_size)
+    ds = load_dataset(args.data, root=args.root, split=args.split, image_size=args.image_size)
+    n = getattr(args, "subset", 0)
+    if n:
+        if n < 0:
+            raise ValueError(f"--subset must be >= 0, got {n}")
+        if n < len(ds):
+            ds = ds.subset(n, seed=0)
+    return ds
 
 
 def _loop_args(p: argparse.ArgumentParser, epochs: int, lr: float) -> None:
     p.add_argument("--epochs", type=int, default=epochs)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=lr)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seeds model init, data order, masks and attacks")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--snapshot-every", type=int, default=0,
+                   help="also write a resumable snapshot every N optimizer steps (default: after each epoch only)")
+
+
+def _seed(args) -> None:
+    """Seed every RNG before anything random (model init included) happens."""
+    from maep_fast.train.common import set_seed
+
+    set_seed(args.seed)
 
 
 def cmd_demo(args) -> int:
-    from maep_fast.demo import QUICK, DemoConfig, run_demo
+    from maep_fast.demo import FULL, QUICK, DemoConfig, run_demo
 
-    cfg = DemoConfig(seed=args.seed, progress=not args.no_progress, **(QUICK if args.quick else {}))
-    run_demo(args.out_dir, cfg)
+    if args.quick and args.full:
+        raise ValueError("--quick and --full exclude each other")
+    preset = QUICK if args.quick else (FULL if args.full else {})
+    out_dir = args.out_dir or ("runs/demo_full" if args.full else "runs/demo")
+    cfg = DemoConfig(seed=args.seed, progress=not args.no_progress, **preset)
+    run_demo(out_dir, cfg)
     return 0
 
 
@@ -67,6 +96,7 @@ def cmd_train_classifier(args) -> int:
     from maep_fast.train.classifier import accuracy, train_classifier
     from maep_fast.train.loop import LoopConfig
 
+    _seed(args)
     ds = _load_data(args)
     c, _, _ = ds.image_shape
     if args.arch == "SmallCNN":
@@ -77,7 +107,8 @@ def cmd_train_classifier(args) -> int:
     model = model.to(_device(args.device))
     train_classifier(model, ds, LoopConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                                            weight_decay=5e-4, progress=not args.no_progress, desc="classifier",
-                                           state_dir=str(Path(args.out) / "state"), resume=args.resume))
+                                           state_dir=str(Path(args.out) / "state"), resume=args.resume,
+                                           snapshot_every=args.snapshot_every))
     acc = accuracy(model, ds.images, ds.labels)
     save_model(model, args.out, meta={"data": args.data, "image_size": ds.image_shape[-1], "train_accuracy": acc})
     print(f"train accuracy {100 * acc:.2f}%; saved {args.out}")
@@ -94,6 +125,7 @@ def cmd_train(args) -> int:
     from maep_fast.train.maep import AdversarialPairs, AttackConfig, MAEPConfig, train_maep
 
     device = _device(args.device)
+    _seed(args)
     ds = _load_data(args)
     c, h, _ = ds.image_shape
     model = create_mae(args.preset, img_size=h, in_chans=c).to(device)
@@ -103,10 +135,11 @@ def cmd_train(args) -> int:
         mask_ratio=args.mask_ratio, w_pur=args.w_pur, w_mae=args.w_mae,
         attack=AttackConfig(norm=args.norm, eps=args.eps, step_size=args.step_size, steps=args.steps),
         stage1=LoopConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, progress=progress,
-                          desc="MAEP stage 1", state_dir=str(out / "state_stage1"), resume=args.resume),
+                          desc="MAEP stage 1", state_dir=str(out / "state_stage1"), resume=args.resume,
+                          snapshot_every=args.snapshot_every),
         stage2=LoopConfig(epochs=args.stage2_epochs, batch_size=args.batch_size, lr=args.lr / 2, warmup_epochs=0.5,
                           seed=args.seed + 1, progress=progress, desc="MAEP stage 2 (LoRA)",
-                          state_dir=str(out / "state_stage2"), resume=args.resume),
+                          state_dir=str(out / "state_stage2"), resume=args.resume, snapshot_every=args.snapshot_every),
         lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
     )
     classifier = None
@@ -124,6 +157,51 @@ def cmd_train(args) -> int:
     history = train_maep(model, data, cfg, classifier)
     save_model(model, out / "maep", meta={"data": args.data, "preset": args.preset, "history": history})
     print(f"saved {out / 'maep'}")
+    return 0
+
+
+def cmd_pretrain(args) -> int:
+    from maep_fast.checkpoint import load_model, save_model
+    from maep_fast.models.mae import MaskedAutoencoderViT
+    from maep_fast.models.presets import create_mae
+    from maep_fast.train.loop import LoopConfig
+    from maep_fast.train.mae_pretrain import MAEPretrainConfig, train_mae
+
+    device = _device(args.device)
+    _seed(args)
+    ds = _load_data(args)
+    c, h, _ = ds.image_shape
+    norm_pix = {"auto": None, "on": True, "off": False}[args.norm_pix_loss]
+    if args.init:
+        if args.init.endswith((".pth", ".pt", ".bin", ".safetensors")) or Path(args.init).is_file():
+            from maep_fast.models.mae_import import mae_from_checkpoint
+
+            # position tables are adapted to the data's image size, as load_pretrained_mae does
+            model = mae_from_checkpoint(args.init, img_size=h,
+                                        **({"norm_pix_loss": norm_pix} if norm_pix is not None else {}))
+        else:
+            model = load_model(args.init, expect_kind="mae")
+        if not isinstance(model, MaskedAutoencoderViT):
+            raise ValueError(f"--init {args.init} is not a masked autoencoder")
+        if (model.in_chans, model.img_size) != (c, h):
+            raise ValueError(f"--init {args.init} takes {model.in_chans}x{model.img_size}x{model.img_size} images but "
+                             f"--data {args.data} gives {c}x{h}x{h}; pass --image-size {model.img_size}")
+    else:
+        model = create_mae(args.preset, img_size=h, in_chans=c,
+                           **({"norm_pix_loss": norm_pix} if norm_pix is not None else {}))
+    model = model.to(device)
+    out = Path(args.out)
+    cfg = MAEPretrainConfig(
+        mask_ratio=args.mask_ratio, norm_pix_loss=norm_pix, train=args.train,
+        loop=LoopConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                        warmup_epochs=args.warmup_epochs, progress=not args.no_progress, desc="MAE pretrain",
+                        state_dir=str(out / "state"), resume=args.resume, snapshot_every=args.snapshot_every))
+    history = train_mae(model, ds, cfg)
+    save_model(model, out / "mae", meta={"data": args.data, "preset": None if args.init else args.preset,
+                                          "init": args.init, "trained": f"MAE pretraining ({args.train})",
+                                          "mask_ratio": args.mask_ratio, "history": history})
+    print(f"final masked reconstruction loss {history[-1]['loss']:.5f}; saved {out / 'mae'}" if history
+          else f"saved {out / 'mae'}")
     return 0
 
 
@@ -231,8 +309,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("demo", help="train and evaluate MAEP on the embedded digits (CPU, a few minutes)")
-    p.add_argument("--out-dir", default="runs/demo")
+    p.add_argument("--out-dir", default=None, help="default runs/demo (runs/demo_full with --full)")
     p.add_argument("--quick", action="store_true", help="tiny settings (a smoke test, not meaningful numbers)")
+    p.add_argument("--full", action="store_true",
+                   help="the quality run: longer training, eps 8/16/32, our PGD-20 + torchattacks PGD-20 + AutoAttack, "
+                        "full table, accuracy-vs-eps plot, labelled image grid")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_demo)
@@ -246,6 +327,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="checkpoint directory")
     p.add_argument("--resume", action="store_true")
     p.set_defaults(func=cmd_train_classifier)
+
+    p = sub.add_parser("pretrain", help="MAE pretraining on clean images (the MAE that MAE-Pure purifies with)")
+    _add_data_args(p, "train")
+    _loop_args(p, epochs=50, lr=1.5e-3)
+    p.add_argument("--preset", default="demo", help="model preset (see maep_fast.PRESETS)")
+    p.add_argument("--init", default=None,
+                   help="start from this MAE: a maep_fast checkpoint directory or a published MAE file "
+                        "(facebookresearch/mae .pth, timm); with --train decoder its encoder stays as published")
+    p.add_argument("--train", default="all", choices=["all", "decoder"],
+                   help="all: the whole MAE; decoder: freeze the encoder, train only the decoder parts")
+    p.add_argument("--mask-ratio", type=float, default=0.75, help="MAE's mask ratio (default 0.75)")
+    p.add_argument("--norm-pix-loss", default="auto", choices=["auto", "on", "off"],
+                   help="per-patch normalized target (auto: the preset's / --init model's setting)")
+    p.add_argument("--warmup-epochs", type=float, default=2.0)
+    p.add_argument("--out", required=True, help="output directory (checkpoint in OUT/mae, snapshots in OUT/state)")
+    p.add_argument("--resume", action="store_true")
+    p.set_defaults(func=cmd_pretrain)
 
     p = sub.add_parser("train", help="train a MAEP purifier (stage 1 masked, stage 2 decoder LoRA at r = 0)")
     _add_data_args(p, "train")
@@ -296,8 +394,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threat-models", default=None,
                    help="comma list of oblivious,adaptive-full-gradient,bpda-eot (default: all three); "
                         "selects the threat-model report with sanity checks")
-    p.add_argument("--attack", default="pgd", choices=["pgd", "autoattack", "apgd", "apgd-t"],
-                   help="pgd (ours), autoattack / apgd / apgd-t (torchattacks)")
+    p.add_argument("--attack", default="pgd", choices=["pgd", "ta-pgd", "autoattack", "apgd", "apgd-t"],
+                   help="pgd (ours), ta-pgd (torchattacks' PGD/EOTPGD), autoattack / apgd / apgd-t (torchattacks)")
     p.add_argument("--aa-version", default="standard", choices=["standard", "rand"],
                    help="AutoAttack version (rand: APGD-CE/DLR with EOT 20, for randomized defenses)")
     p.add_argument("--eot-adaptive", type=int, default=None,

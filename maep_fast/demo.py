@@ -1,43 +1,52 @@
-"""The end-to-end demo on the embedded digits: train a classifier and a MAEP
-purifier on the CPU, attack, purify, and report.
+"""The end-to-end demo on the embedded digits: train a classifier, a MAEP
+purifier and a plain MAE (for MAE-Pure) on the CPU, attack, purify, report.
 
-Also (each optional, ``DemoConfig.mae_pure`` / ``.mimir``):
+Two sizes:
 
-* MAE-Pure rows: test-time loss descent with the demo's MAEP model used as a
-  plain MAE (no extra training), on a fixed subset of ``mp_n`` test images,
-  with small demo settings (S = ``mp_steps``; step and eta scaled to the demo
-  eps 32/255), under oblivious, adaptive full-gradient (PGD + EOT) and
-  BPDA + EOT attacks, with the sanity checks and the decoder AMV.
-* MIMIR rows: a ``demo``-sized MAE (patch 4) pretrained MIMIR-style (PGD_MAE + HSIC),
-  its encoder turned into a ViTClassifier and briefly adversarially
-  finetuned (one clean epoch, then PGD-AT), attacked obliviously (transfer
-  from the undefended CNN) and adaptively (white-box PGD on the ViT).
+* ``maep-fast demo`` (default, a few CPU minutes): L-inf eps 16/255, our
+  PGD-20 (oblivious + adaptive) on all 360 test images for MAEP; MAEP with
+  test-time randomness (purify at a mask ratio > 0, averaged over several
+  masks; adaptive attack with EOT) and MAE-Pure (oblivious, adaptive EOT,
+  BPDA+EOT) on fixed test subsets; MIMIR rows.
+* ``maep-fast demo --full`` (``FULL``): longer training (MAEP stage 1 on
+  PGD-10 pairs, a longer-pretrained MAE), eps 8/255, 16/255 and 32/255, our
+  PGD-20, torchattacks' PGD-20 and AutoAttack (standard for the
+  deterministic MAEP, rand with EOT for the randomized defenses), the full
+  table, an accuracy-vs-eps plot and an image grid with predicted labels.
 
-Writes ``<out>/metrics.json`` (MAEP rows under ``rows``; ``mae_pure`` and
-``mimir`` sections with their own rows), ``<out>/grid.png`` (clean |
-adversarial | purified), ``<out>/amv.png`` and the checkpoints
-``<out>/classifier``, ``<out>/maep`` and ``<out>/mimir_vit``.
+MAE-Pure runs on a *plain* MAE pretrained on the train split with the
+standard MAE objective (``train_mae``), not on the MAEP model.
+
+Writes ``<out>/metrics.json`` (every row with threat model, attack, eps,
+steps, EOT, n; sanity checks per section), ``<out>/table.md``,
+``<out>/acc_vs_eps.png``, ``<out>/grid.png`` (clean | adversarial | MAEP |
+MAE-Pure, each image captioned with the classifier's prediction),
+``<out>/amv.png`` and the checkpoints ``classifier``, ``maep``, ``mae`` and
+``mimir_vit``.
 """
 from __future__ import annotations
 
 import json
 import platform
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn as nn
 
 from maep_fast._native import native_available
 from maep_fast.checkpoint import save_model
 from maep_fast.data import load_digits_dataset
-from maep_fast.evaluate import AttackSpec, evaluate, format_table
+from maep_fast.evaluate import accuracy_vs_eps, format_table, markdown_table, save_accuracy_vs_eps_plot
 from maep_fast.models.classifiers import SmallCNN
 from maep_fast.models.presets import create_mae
 from maep_fast.plots import save_comparison_grid
 from maep_fast.purify.maep import Purifier
 from maep_fast.train.classifier import accuracy, train_classifier
+from maep_fast.train.common import set_seed
 from maep_fast.train.loop import LoopConfig
+from maep_fast.train.mae_pretrain import MAEPretrainConfig, train_mae
 from maep_fast.train.maep import AttackConfig, MAEPConfig, train_maep
 
 
@@ -45,25 +54,42 @@ from maep_fast.train.maep import AttackConfig, MAEPConfig, train_maep
 class DemoConfig:
     image_size: int = 16
     preset: str = "demo"
+    full: bool = False
     classifier_epochs: int = 15
-    stage1_epochs: int = 30
-    stage2_epochs: int = 5
     batch_size: int = 64
-    train_eps: float = 32 / 255  # L-inf radius of the training pairs and of the evaluation attacks
-    train_steps: int = 5
-    eval_steps: int = 20
-    n_eval: int = 360  # the whole test split
     seed: int = 0
     progress: bool = True
-    # MAE-Pure rows (demo settings, NOT the published S = 150 / step 1/255 / CIFAR-10 ones)
+    # MAEP training (pairs: PGD against the frozen classifier, L-inf, step eps/4)
+    stage1_epochs: int = 30
+    stage2_epochs: int = 5
+    train_eps: float = 16 / 255
+    train_steps: int = 5
+    # evaluation (L-inf, step eps/4, random start)
+    eval_eps: tuple = (16 / 255,)
+    eval_steps: int = 20
+    attacks: tuple = ("pgd",)  # pgd (ours) | ta-pgd (torchattacks PGD/EOTPGD) | autoattack (torchattacks)
+    aa_steps: int = 100  # AutoAttack's APGD/FAB iterations (its default 100)
+    aa_queries: int = 5000  # Square queries (AutoAttack's default 5000)
+    n_eval: int = 360  # the whole test split
+    # MAEP with test-time randomness: mean of n_masks reconstructions at mask ratio r > 0
+    maep_rand: bool = True
+    rand_mask_ratio: float = 0.25
+    rand_masks: int = 4
+    rand_eot: int = 4
+    rand_n: int = 120
+    # plain MAE (standard MAE pretraining on the train split) for MAE-Pure
     mae_pure: bool = True
-    mp_steps: int = 20
+    mae_epochs: int = 25
+    mae_mask_ratio: float = 0.75
+    mp_steps: int = 50
     mp_step_size: float = 4 / 255  # halved after S/2
-    mp_eta: float = 32 / 255  # = the attack eps of the demo
-    mp_mask_ratio: float = 0.25
-    mp_n: int = 64  # fixed subset (first mp_n of a seeded shuffle of the test split)
+    mp_eta: float = 32 / 255
+    mp_mask_ratio: float = 0.5
+    mp_masks: int = 1
+    mp_n: int = 64
     mp_attack_steps: int = 10  # PGD steps of the adaptive / BPDA attacks through MAE-Pure
     mp_eot: int = 2
+    mp_aa_steps: int = 10  # AutoAttack-rand APGD steps through MAE-Pure (full demo)
     # MIMIR rows
     mimir: bool = True
     mimir_patch_size: int = 4  # 16 tokens: at patch 2 a ViT does not learn the digits in a CPU-minute budget
@@ -71,34 +97,82 @@ class DemoConfig:
     mimir_ft_clean_epochs: int = 6
     mimir_ft_epochs: int = 4
     mimir_ft_steps: int = 3
-    mimir_trades_beta: float | None = 6.0  # TRADES: plain PGD-AT at eps 32/255 collapses to chance in this budget
+    mimir_trades_beta: float | None = 6.0  # TRADES: plain PGD-AT at large eps collapses to chance in this budget
     mimir_n: int = 360
     mimir_train_n: int = 0  # 0 = the whole train split
+    mimir_eps: float = 16 / 255
+    notes: list = field(default_factory=list)
 
 
 QUICK = dict(classifier_epochs=1, stage1_epochs=1, stage2_epochs=1, train_steps=1, eval_steps=2, n_eval=32,
-             mp_steps=2, mp_n=8, mp_attack_steps=1, mp_eot=1, mimir_epochs=1, mimir_ft_clean_epochs=0,
-             mimir_ft_epochs=1, mimir_ft_steps=1, mimir_n=32, mimir_train_n=128)
+             rand_masks=2, rand_eot=1, rand_n=16, mae_epochs=1, mp_steps=2, mp_n=8, mp_attack_steps=1, mp_eot=1,
+             mimir_epochs=1, mimir_ft_clean_epochs=0, mimir_ft_epochs=1, mimir_ft_steps=1, mimir_n=32,
+             mimir_train_n=128)
+
+# --full: the quality run (issue 15): MAEP stage 1 90 epochs on PGD-10 pairs, a longer-pretrained plain MAE,
+# eps 8/16/32 x {our PGD-20, torchattacks PGD-20, AutoAttack}
+FULL = dict(full=True, stage1_epochs=90, stage2_epochs=5, train_steps=10, eval_eps=(8 / 255, 16 / 255, 32 / 255),
+            attacks=("pgd", "ta-pgd", "autoattack"), rand_n=120, rand_eot=8, mae_epochs=80, mp_n=120,
+            mp_attack_steps=20, mp_eot=4, mimir=False)
+
+
+class RandomizedMAEP(nn.Module):
+    """MAEP with test-time randomness: the mean of ``n_masks`` reconstructions of x, each at
+    ``mask_ratio`` with fresh random masks (the decoder fills the removed patches). Differentiable;
+    ``randomized`` tells the evaluation to attack it with EOT."""
+
+    randomized = True
+    seed = None
+
+    def __init__(self, model, mask_ratio: float = 0.25, n_masks: int = 4, batch_size: int = 256):
+        super().__init__()
+        if not 0 < mask_ratio < 1:
+            raise ValueError(f"mask_ratio must be in (0, 1), got {mask_ratio}")
+        if n_masks < 1:
+            raise ValueError(f"n_masks must be >= 1, got {n_masks}")
+        self.model, self.mask_ratio, self.n_masks, self.batch_size = model.eval(), mask_ratio, n_masks, batch_size
+
+    @property
+    def config(self) -> dict:
+        return {"kind": "MAEP + test-time masks", "mask_ratio": self.mask_ratio, "n_masks": self.n_masks}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        outs = [self.model.reconstruct(x, mask_ratio=self.mask_ratio) for _ in range(self.n_masks)]
+        return torch.stack(outs).mean(0).clamp(0, 1)
+
+    @torch.no_grad()
+    def purify(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self(x[k:k + self.batch_size]) for k in range(0, x.shape[0], self.batch_size)])
 
 
 def run_demo(out_dir: str | Path = "runs/demo", cfg: DemoConfig | None = None) -> dict:
     cfg = cfg or DemoConfig()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(cfg.seed)
+    set_seed(cfg.seed)
     t0 = time.perf_counter()
     train = load_digits_dataset(cfg.image_size, "train")
     test = load_digits_dataset(cfg.image_size, "test")
     say = print if cfg.progress else (lambda *a, **k: None)
-    say(f"data: embedded digits {len(train)} train / {len(test)} test, {cfg.image_size}x{cfg.image_size} grayscale")
+    say(f"data: embedded digits {len(train)} train / {len(test)} test, {cfg.image_size}x{cfg.image_size} grayscale"
+        f" ({'full' if cfg.full else 'default'} demo, {torch.get_num_threads()} thread(s))")
+    seconds: dict[str, float] = {}
 
+    def lap(name: str, t: float) -> None:
+        seconds[name] = round(time.perf_counter() - t, 1)
+
+    t = time.perf_counter()
     classifier = SmallCNN(in_chans=1, num_classes=10)
     train_classifier(classifier, train, LoopConfig(epochs=cfg.classifier_epochs, batch_size=cfg.batch_size, lr=2e-3,
                                                    weight_decay=5e-4, seed=cfg.seed, progress=cfg.progress, desc="classifier"))
     for p in classifier.parameters():
         p.requires_grad_(False)
+    classifier.eval()
+    lap("classifier", t)
     say(f"classifier: test accuracy {100 * accuracy(classifier, test.images, test.labels):.2f}%")
 
+    t = time.perf_counter()
+    set_seed(cfg.seed)
     model = create_mae(cfg.preset, img_size=cfg.image_size)
     step = cfg.train_eps / 4 if cfg.train_steps > 1 else cfg.train_eps
     mcfg = MAEPConfig(
@@ -109,96 +183,170 @@ def run_demo(out_dir: str | Path = "runs/demo", cfg: DemoConfig | None = None) -
                           seed=cfg.seed + 1, progress=cfg.progress, desc="MAEP stage 2 (LoRA)"),
     )
     history = train_maep(model, train, mcfg, classifier)
-    t_train = time.perf_counter() - t0
+    model.eval()
+    lap("maep_train", t)
 
-    purifier = Purifier(model)
-    spec = AttackSpec(norm="linf", eps=cfg.train_eps, step_size=cfg.train_eps / 8, steps=cfg.eval_steps)
-    ev = test.subset(cfg.n_eval) if cfg.n_eval < len(test) else test
-    t1 = time.perf_counter()
-    report = evaluate(classifier, purifier, ev.images, ev.labels, spec, seed=cfg.seed, progress=cfg.progress,
-                      keep_examples=8)
-    t_eval = time.perf_counter() - t1
-
-    names = {"none": "no defense", "purifier": "MAEP"}
-    table = format_table(report["rows"], names)
-    extra_tables = []
-    mp_section = mimir_section = None
+    mae = None
     if cfg.mae_pure:
-        mp_section, mp_table = _mae_pure_rows(cfg, classifier, model, test, out)
-        extra_tables.append(mp_table)
+        t = time.perf_counter()
+        set_seed(cfg.seed)
+        mae = create_mae(cfg.preset, img_size=cfg.image_size)  # plain MAE, pixel targets (MAE-Pure reconstructs pixels)
+        mae_hist = train_mae(mae, train, MAEPretrainConfig(mask_ratio=cfg.mae_mask_ratio, loop=LoopConfig(
+            epochs=cfg.mae_epochs, batch_size=cfg.batch_size, lr=2e-3, warmup_epochs=2.0, seed=cfg.seed,
+            progress=cfg.progress, desc="MAE pretrain")))
+        mae.eval()
+        lap("mae_pretrain", t)
+        say(f"plain MAE: masked reconstruction loss {mae_hist[-1]['loss']:.4f} after {cfg.mae_epochs} epochs"
+            if mae_hist else "plain MAE: not trained")
+
+    sections: dict[str, dict] = {}
+    eps_list = sorted(cfg.eval_eps)
+    # 1. MAEP, deterministic single pass, all n_eval test images
+    t = time.perf_counter()
+    ev = test.subset(cfg.n_eval) if cfg.n_eval < len(test) else test
+    purifier = Purifier(model)
+    sections["maep"] = _sweep(cfg, classifier, purifier, ev, defense="MAEP", randomized=False,
+                              threat_models=("oblivious", "adaptive-full-gradient"), eot=1, steps=cfg.eval_steps,
+                              note=f"MAEP stage 1 {cfg.stage1_epochs} ep on PGD-{cfg.train_steps} pairs at eps "
+                                   f"{cfg.train_eps * 255:.0f}/255 (mask 0.5) + stage 2 {cfg.stage2_epochs} ep decoder "
+                                   "LoRA at mask 0; one deterministic pass at mask 0")
+    lap("eval_maep", t)
+    # 2. MAEP with test-time randomness
+    if cfg.maep_rand:
+        t = time.perf_counter()
+        ev_r = test.subset(cfg.rand_n, seed=cfg.seed) if cfg.rand_n < len(test) else test
+        rnd = RandomizedMAEP(model, cfg.rand_mask_ratio, cfg.rand_masks)
+        sections["maep_rand"] = _sweep(cfg, classifier, rnd, ev_r, defense=f"MAEP-rand", randomized=True,
+                                       threat_models=("oblivious", "adaptive-full-gradient"), eot=cfg.rand_eot,
+                                       steps=cfg.eval_steps,
+                                       note=f"the same MAEP model, mean of {cfg.rand_masks} reconstructions at mask "
+                                            f"ratio {cfg.rand_mask_ratio} (fresh masks every call); fixed subset of "
+                                            f"{len(ev_r)} test images")
+        lap("eval_maep_rand", t)
+    # 3. MAE-Pure on the plain MAE
+    mp = None
+    if cfg.mae_pure:
+        from maep_fast.purify.mae_pure import MAEPure
+
+        t = time.perf_counter()
+        ev_m = test.subset(cfg.mp_n, seed=cfg.seed) if cfg.mp_n < len(test) else test
+        mp = MAEPure(mae, steps=cfg.mp_steps, step_size=cfg.mp_step_size, halve_step=True, eta=cfg.mp_eta,
+                     mask_ratio=cfg.mp_mask_ratio, n_masks=cfg.mp_masks)
+        sections["mae_pure"] = _sweep(cfg, classifier, mp, ev_m, defense="MAE-Pure", randomized=True,
+                                      threat_models=("oblivious", "adaptive-full-gradient", "bpda-eot"),
+                                      eot=cfg.mp_eot, steps=cfg.mp_attack_steps, aa_steps=cfg.mp_aa_steps,
+                                      note=f"plain MAE ({cfg.preset} preset, MAE pretraining {cfg.mae_epochs} ep, mask "
+                                           f"{cfg.mae_mask_ratio}); MAE-Pure S={cfg.mp_steps}, step "
+                                           f"{cfg.mp_step_size * 255:.0f}/255 halved after S/2, eta "
+                                           f"{cfg.mp_eta * 255:.0f}/255, mask {cfg.mp_mask_ratio}, {cfg.mp_masks} "
+                                           f"mask(s)/step; fixed subset of {len(ev_m)} test images")
+        sections["mae_pure"]["amv"] = _amv(cfg, classifier, mae, mp, ev_m, out)
+        lap("eval_mae_pure", t)
+    vit = None
     if cfg.mimir:
-        mimir_section, mimir_table, vit = _mimir_rows(cfg, classifier, train, test)
-        extra_tables.append(mimir_table)
+        t = time.perf_counter()
+        mimir_section, _, vit = _mimir_rows(cfg, classifier, train, test)
+        sections["mimir"] = mimir_section
+        lap("mimir", t)
+
+    rows = [r for sec in sections.values() for r in sec["rows"]]
+    sanity = [c for sec in sections.values() for c in sec.get("sanity", [])]
+    table = markdown_table(rows)
+    (out / "table.md").write_text(table + "\n")
+    pgd_rows = [r for k, sec in sections.items() if k != "mimir" for r in sec["rows"]
+                if r["attack"] in ("none", f"PGD-{cfg.eval_steps}", f"PGD-{cfg.mp_attack_steps}")]
+    save_accuracy_vs_eps_plot(pgd_rows, out / "acc_vs_eps.png",
+                              title=f"digits, L-inf, our PGD ({'full' if cfg.full else 'default'} demo)")
+    _grid(cfg, classifier, purifier, mp, test, out / "grid.png")
+    save_model(classifier, out / "classifier", meta={"data": "digits", "image_size": cfg.image_size})
+    save_model(model, out / "maep", meta={"data": "digits", "image_size": cfg.image_size, "trained": "MAEP stage 1 + 2"})
+    if mae is not None:
+        save_model(mae, out / "mae", meta={"data": "digits", "image_size": cfg.image_size,
+                                            "trained": f"MAE pretraining {cfg.mae_epochs} epochs, mask {cfg.mae_mask_ratio}"})
+    if vit is not None:
+        save_model(vit, out / "mimir_vit", meta={"data": "digits", "image_size": cfg.image_size,
+                                                 "trained": "MIMIR pretrain + adversarial finetune (demo)"})
+    seconds["total"] = round(time.perf_counter() - t0, 1)
     metrics = {
-        "rows": [{**r, "defense": names[r["defense"]]} for r in report["rows"]],
+        "rows": rows,
+        "sanity": sanity,
+        "sections": {k: {kk: vv for kk, vv in v.items() if kk != "rows"} for k, v in sections.items()},
         "config": asdict(cfg),
         "maep_history": history,
-        "seconds": {"train": round(t_train, 1), "evaluate": round(t_eval, 1)},
-        **({"mae_pure": mp_section} if mp_section else {}),
-        **({"mimir": mimir_section} if mimir_section else {}),
+        "seconds": seconds,
         "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads(),
                     "native_extension": native_available()},
     }
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    ex = report["examples"]
-    save_comparison_grid({"clean": ex["clean"], "adversarial": ex["adversarial"], "purified (MAEP)": ex["purified"]},
-                         out / "grid.png")
-    save_model(classifier, out / "classifier", meta={"data": "digits", "image_size": cfg.image_size})
-    save_model(model, out / "maep", meta={"data": "digits", "image_size": cfg.image_size, "trained": "MAEP stage 1 + 2"})
-    if cfg.mimir:
-        save_model(vit, out / "mimir_vit", meta={"data": "digits", "image_size": cfg.image_size,
-                                                 "trained": "MIMIR pretrain + adversarial finetune (demo)"})
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
     print(table)
-    for t in extra_tables:
-        print("\n" + t)
-    print(f"\ntotal {time.perf_counter() - t0:.0f} s")
-    print(f"\ntrain {t_train:.0f} s, evaluate {t_eval:.0f} s; wrote {out / 'metrics.json'}, {out / 'grid.png'}, "
-          f"checkpoints {out / 'classifier'} and {out / 'maep'}")
+    failed = [c for c in sanity if not c["passed"]]
+    print(f"\nsanity checks: {len(sanity) - len(failed)} passed, {len(failed)} failed (all in metrics.json)")
+    for c in failed:
+        print(f"[sanity FAIL] {c['check']}: {c['message']}")
+    print(f"\nseconds: {seconds}")
+    print(f"wrote {out / 'metrics.json'}, {out / 'table.md'}, {out / 'acc_vs_eps.png'}, {out / 'grid.png'} and the checkpoints")
     return metrics
 
 
-def _mae_pure_rows(cfg: DemoConfig, classifier, model, test, out: Path) -> tuple[dict, str]:
-    """MAE-Pure with the demo's MAEP model as the MAE, on a fixed test subset."""
-    from maep_fast.evaluate import evaluate_threat_models
-    from maep_fast.purify.amv import save_amv_heatmap
-    from maep_fast.purify.mae_pure import MAEPure
+def _sweep(cfg: DemoConfig, classifier, purifier, ev, *, defense: str, randomized: bool, threat_models, eot: int,
+           steps: int, note: str, aa_steps: int | None = None) -> dict:
+    """Every attack of ``cfg.attacks`` at every eps of ``cfg.eval_eps`` on ``ev``, with the undefended
+    classifier on the same images as the baseline; rows + sanity checks + settings."""
+    rows, sanity, settings = [], [], []
+    base = "no defense" if len(ev) == cfg.n_eval else f"no defense (n={len(ev)})"
+    for a in cfg.attacks:
+        kw = dict(threat_models=list(threat_models), attack=a, norm="linf", steps=steps, eot=eot,
+                  version="rand" if randomized else "standard", seed=cfg.seed, defense=defense,
+                  n_classes=10, n_queries=cfg.aa_queries, progress=cfg.progress)
+        if a == "autoattack":
+            kw["steps"] = aa_steps or cfg.aa_steps
+            if not randomized:
+                kw["eot"] = None
+        torch.manual_seed(cfg.seed)
+        rep = accuracy_vs_eps(classifier, purifier, ev.images, ev.labels, sorted(cfg.eval_eps), **kw)
+        for r in rep["rows"]:
+            if r["defense"] == "none":
+                r["defense"] = base
+            r["note"] = note
+        rows += [r for r in rep["rows"] if not (r["threat_model"] == "none" and any(
+            q["threat_model"] == "none" and q["defense"] == r["defense"] for q in rows))]
+        sanity += rep["sanity"]
+        settings.append(rep["settings"])
+    return {"rows": rows, "sanity": sanity, "settings": settings, "note": note}
 
-    t = time.perf_counter()
-    ev = test.subset(cfg.mp_n, seed=cfg.seed) if cfg.mp_n < len(test) else test
-    pur = MAEPure(model, steps=cfg.mp_steps, step_size=cfg.mp_step_size, halve_step=True, eta=cfg.mp_eta,
-                  mask_ratio=cfg.mp_mask_ratio, n_masks=1)
-    torch.manual_seed(cfg.seed)
-    rep = evaluate_threat_models(classifier, pur, ev.images, ev.labels, attack="pgd", norm="linf", eps=cfg.train_eps,
-                                 step_size=cfg.train_eps / 4, steps=cfg.mp_attack_steps, eot=cfg.mp_eot, seed=cfg.seed,
-                                 defense="MAE-Pure", include_undefended=False, progress=cfg.progress)
-    # AMV (decoder attention variation, mask ratio 0) of clean vs oblivious-adversarial vs purified
+
+@torch.no_grad()
+def _grid(cfg: DemoConfig, classifier, purifier, mp, test, path: Path) -> None:
+    """clean | adversarial (oblivious PGD at the middle eps) | MAEP | MAE-Pure, with predicted labels."""
     from maep_fast.attacks.pgd import pgd_attack
+
+    k = 8
+    x, y = test.images[:k], test.labels[:k]
+    eps = sorted(cfg.eval_eps)[len(cfg.eval_eps) // 2]
+    g = torch.Generator().manual_seed(cfg.seed)
+    with torch.enable_grad():
+        x_adv = pgd_attack(classifier, x, y, eps=eps, step_size=eps / 4, steps=cfg.eval_steps, generator=g)
+    cols = {"clean": x, f"adversarial {eps * 255:.0f}/255": x_adv, "MAEP(adv)": purifier.purify(x_adv)}
+    if mp is not None:
+        cols["MAE-Pure(adv)"] = mp.purify(x_adv)
+    labels = {name: classifier(img).argmax(1).tolist() for name, img in cols.items()}
+    save_comparison_grid(cols, path, max_rows=k, labels=labels, true_labels=y.tolist())
+
+
+def _amv(cfg: DemoConfig, classifier, mae, mp, ev, out: Path) -> dict:
+    """Decoder attention variation (mask ratio 0) of the plain MAE: clean vs adversarial vs MAE-Pure."""
+    from maep_fast.attacks.pgd import pgd_attack
+    from maep_fast.purify.amv import attention_matrix_variation, save_amv_heatmap
 
     k = min(32, len(ev))
     x, y = ev.images[:k], ev.labels[:k]
-    x_adv = pgd_attack(classifier, x, y, eps=cfg.train_eps, step_size=cfg.train_eps / 8, steps=cfg.eval_steps)
-    x_pur = pur.purify(x_adv)
-    amv_adv = save_amv_heatmap(model, x, x_adv, out / "amv.png", x_purified=x_pur)
-    from maep_fast.purify.amv import attention_matrix_variation
-
-    amv_pur = attention_matrix_variation(model, x, x_pur)
-    rows = [{**r, "defense": "no defense" if r["defense"] == "none" else r["defense"],
-             "note": f"fixed subset of {len(ev)} test images; MAE-Pure S={cfg.mp_steps}, step {cfg.mp_step_size * 255:.0f}/255 "
-                     f"(halved after S/2), eta {cfg.mp_eta * 255:.0f}/255, mask {cfg.mp_mask_ratio}, 1 mask/step; "
-                     "MAE = the demo's MAEP model"} for r in rep["rows"]]
-    section = {
-        "rows": rows, "sanity": rep["sanity"], "settings": rep["settings"],
-        "mae": "the demo's MAEP model (stage 1 + 2) used as a plain masked autoencoder (norm_pix_loss=False)",
-        "amv": {"n": k, "attack": f"PGD-{cfg.eval_steps} oblivious", "adversarial": amv_adv.tolist(),
-                "purified": amv_pur.tolist(), "mask_ratio": 0.0},
-        "seconds": round(time.perf_counter() - t, 1),
-    }
-    table = "MAE-Pure (%s)\n%s" % (rows[0]["note"], format_table(rows))
-    table += "\n" + "\n".join(f"[sanity {'ok  ' if c['passed'] else 'FAIL'}] {c['check']}: {c['message']}"
-                                for c in rep["sanity"])
-    table += "\nAMV per decoder layer, clean vs adversarial: %s; clean vs purified: %s" % (
-        ", ".join(f"{v:.3f}" for v in amv_adv.tolist()), ", ".join(f"{v:.3f}" for v in amv_pur.tolist()))
-    return section, table
+    eps = sorted(cfg.eval_eps)[len(cfg.eval_eps) // 2]
+    x_adv = pgd_attack(classifier, x, y, eps=eps, step_size=eps / 4, steps=cfg.eval_steps)
+    x_pur = mp.purify(x_adv)
+    amv_adv = save_amv_heatmap(mae, x, x_adv, out / "amv.png", x_purified=x_pur)
+    amv_pur = attention_matrix_variation(mae, x, x_pur)
+    return {"n": k, "attack": f"PGD-{cfg.eval_steps} oblivious at {eps * 255:.0f}/255",
+            "adversarial": amv_adv.tolist(), "purified": amv_pur.tolist(), "mask_ratio": 0.0}
 
 
 def _mimir_rows(cfg: DemoConfig, classifier, train, test):
@@ -212,18 +360,18 @@ def _mimir_rows(cfg: DemoConfig, classifier, train, test):
     if cfg.mimir_train_n and cfg.mimir_train_n < len(train):
         train = train.subset(cfg.mimir_train_n, seed=cfg.seed)
     mae = create_mae(cfg.preset, img_size=cfg.image_size, patch_size=cfg.mimir_patch_size, norm_pix_loss=True)
-    mcfg = MIMIRConfig(eps=cfg.train_eps, alpha=cfg.train_eps * 10 / 8,  # MIMIR's alpha/eps = 10/8, at the demo eps
+    mcfg = MIMIRConfig(eps=cfg.mimir_eps, alpha=cfg.mimir_eps * 10 / 8,  # MIMIR's alpha/eps = 10/8, at the demo eps
                        loop=LoopConfig(epochs=cfg.mimir_epochs, batch_size=cfg.batch_size, lr=2e-3, seed=cfg.seed,
                                        progress=cfg.progress, desc="MIMIR pretrain"))
     h_pre = train_mimir(mae, train, mcfg)
     vit = ViTClassifier.from_mae(mae, num_classes=10)
     h_ft = []
-    ft_alpha = cfg.train_eps / 2 if cfg.mimir_ft_steps <= 3 else cfg.train_eps / 4
+    ft_alpha = cfg.mimir_eps / 2 if cfg.mimir_ft_steps <= 3 else cfg.mimir_eps / 4
     if cfg.mimir_ft_clean_epochs:
         h_ft += adversarial_finetune(vit, train, steps=0, loop=LoopConfig(
             epochs=cfg.mimir_ft_clean_epochs, batch_size=cfg.batch_size, lr=3e-3, warmup_epochs=0.3, seed=cfg.seed,
             progress=cfg.progress, desc="MIMIR ViT clean warm-up"))
-    h_ft += adversarial_finetune(vit, train, eps=cfg.train_eps, alpha=ft_alpha, steps=cfg.mimir_ft_steps,
+    h_ft += adversarial_finetune(vit, train, eps=cfg.mimir_eps, alpha=ft_alpha, steps=cfg.mimir_ft_steps,
                                  trades_beta=cfg.mimir_trades_beta, loop=LoopConfig(
         epochs=cfg.mimir_ft_epochs, batch_size=cfg.batch_size, lr=1e-3, warmup_epochs=0.3, seed=cfg.seed + 1,
         progress=cfg.progress, desc="MIMIR ViT adversarial finetune"))
@@ -232,7 +380,7 @@ def _mimir_rows(cfg: DemoConfig, classifier, train, test):
     vit.eval()
     ev = test.subset(cfg.mimir_n, seed=cfg.seed) if cfg.mimir_n < len(test) else test
     g = torch.Generator().manual_seed(cfg.seed)
-    kw = dict(eps=cfg.train_eps, step_size=cfg.train_eps / 8, steps=cfg.eval_steps, norm="linf", generator=g)
+    kw = dict(eps=cfg.mimir_eps, step_size=cfg.mimir_eps / 8, steps=cfg.eval_steps, norm="linf", generator=g)
     x, y = ev.images, ev.labels
     x_transfer = pgd_attack(classifier, x, y, **kw)
     x_white = pgd_attack(vit, x, y, **kw)
@@ -242,11 +390,11 @@ def _mimir_rows(cfg: DemoConfig, classifier, train, test):
     def row(tm, acc, note):
         attacked = tm != "none"
         return {"defense": name, "threat_model": tm, "attack": f"PGD-{cfg.eval_steps}" if attacked else "none",
-                "norm": "linf" if attacked else None, "eps": cfg.train_eps if attacked else 0.0,
-                "steps": cfg.eval_steps if attacked else 0, "step_size": cfg.train_eps / 8 if attacked else 0.0,
+                "norm": "linf" if attacked else None, "eps": cfg.mimir_eps if attacked else 0.0,
+                "steps": cfg.eval_steps if attacked else 0, "step_size": cfg.mimir_eps / 8 if attacked else 0.0,
                 "eot": 1 if attacked else 0, "n": n, "seed": cfg.seed, "accuracy": acc, "note": note}
 
-    ft = (f"demo MAE at patch {cfg.mimir_patch_size}, MIMIR pretrain {cfg.mimir_epochs} ep (PGD_MAE 1 step, eps {cfg.train_eps * 255:.0f}/255, HSIC 1e-5) + "
+    ft = (f"demo MAE at patch {cfg.mimir_patch_size}, MIMIR pretrain {cfg.mimir_epochs} ep (PGD_MAE 1 step, eps {cfg.mimir_eps * 255:.0f}/255, HSIC 1e-5) + "
           f"{cfg.mimir_ft_clean_epochs} clean + {cfg.mimir_ft_epochs} "
           f"{'TRADES(beta %g)' % cfg.mimir_trades_beta if cfg.mimir_trades_beta else 'PGD-AT'} PGD-{cfg.mimir_ft_steps} epochs")
     rows = [
@@ -256,7 +404,7 @@ def _mimir_rows(cfg: DemoConfig, classifier, train, test):
     ]
     section = {"rows": rows, "pretrain_history": h_pre, "finetune_history": h_ft,
                "config": {"pretrain": {k: v for k, v in asdict(mcfg).items() if k != "loop"},
-                          "finetune": {"eps": cfg.train_eps, "alpha": ft_alpha, "steps": cfg.mimir_ft_steps,
+                          "finetune": {"eps": cfg.mimir_eps, "alpha": ft_alpha, "steps": cfg.mimir_ft_steps,
                                        "clean_epochs": cfg.mimir_ft_clean_epochs, "adv_epochs": cfg.mimir_ft_epochs,
                                        "trades_beta": cfg.mimir_trades_beta}},
                "seconds": round(time.perf_counter() - t, 1)}

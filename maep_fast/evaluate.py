@@ -136,7 +136,20 @@ def format_table(rows: list[dict], defense_names: dict[str, str] | None = None) 
 # Threat models x attacks, sanity checks, eps sweeps
 # --------------------------------------------------------------------------
 THREAT_MODELS = ("oblivious", "adaptive-full-gradient", "bpda-eot")
-ATTACKS = ("pgd", "autoattack", "apgd", "apgd-t")
+ATTACKS = ("pgd", "ta-pgd", "autoattack", "apgd", "apgd-t")
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """Rows as a Markdown table: defense, threat model, attack, eps, steps, EOT, n, accuracy on every row."""
+    lines = ["| defense | threat model | attack | eps | steps | EOT | n | accuracy |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        attacked = r["threat_model"] != "none"
+        eps = (f"{r['eps'] * 255:.0f}/255" if r["norm"] == "linf" else f"{r['eps']:.3g}") if attacked else "-"
+        lines.append(f"| {r['defense']} | {r['threat_model']} | {r['attack'] if attacked else '-'} | {eps} | "
+                     f"{r['steps'] if attacked else '-'} | {r['eot'] if attacked else '-'} | {r['n']} | "
+                     f"{100 * r['accuracy']:.2f} % |")
+    return "\n".join(lines)
 
 
 def _is_randomized(purifier: nn.Module | None) -> bool:
@@ -153,6 +166,8 @@ def _predict_purified(purifier: nn.Module, classifier: nn.Module, x: torch.Tenso
 def _attack_name(attack: str, steps: int, version: str) -> str:
     if attack == "pgd":
         return f"PGD-{steps}"
+    if attack == "ta-pgd":
+        return f"torchattacks-PGD-{steps}"
     from maep_fast.attacks.torchattacks_adapter import attack_name
 
     return attack_name(attack, version, steps)
@@ -161,10 +176,33 @@ def _attack_name(attack: str, steps: int, version: str) -> str:
 def _run(model, x, y, *, attack, norm, eps, step_size, steps, eot, version, n_queries, n_classes, seed, gen):
     if attack == "pgd":
         return pgd_attack(model, x, y, eps=eps, step_size=step_size, steps=steps, norm=norm, eot=eot, generator=gen)
+    if attack == "ta-pgd":
+        return _torchattacks_pgd(model, x, y, norm=norm, eps=eps, step_size=step_size, steps=steps, eot=eot, seed=seed)
     from maep_fast.attacks.torchattacks_adapter import run_attack
 
     return run_attack(model, x, y, attack, norm=norm, eps=eps, version=version, steps=steps, eot=eot,
                       n_classes=n_classes, n_queries=n_queries, seed=seed)
+
+
+def _torchattacks_pgd(model, x, y, *, norm, eps, step_size, steps, eot, seed):
+    """torchattacks' own PGD (random start; EOTPGD when eot > 1; PGDL2 for L2): an attack
+    implementation independent of maep_fast's, for cross-checking."""
+    try:
+        import torchattacks as ta
+    except ImportError as exc:  # pragma: no cover - exercised only without the package
+        raise ImportError("attack 'ta-pgd' needs the optional package 'torchattacks' "
+                          "(pip install torchattacks==3.5.1 --no-deps)") from exc
+    if norm == "l2":
+        if eot > 1:
+            raise ValueError("attack 'ta-pgd' with norm 'l2' has no EOT variant in torchattacks; use eot=1 or attack 'pgd'")
+        atk = ta.PGDL2(model, eps=eps, alpha=step_size, steps=steps, random_start=True)
+    elif eot > 1:
+        atk = ta.EOTPGD(model, eps=eps, alpha=step_size, steps=steps, eot_iter=eot, random_start=True)
+    else:
+        atk = ta.PGD(model, eps=eps, alpha=step_size, steps=steps, random_start=True)
+    with torch.random.fork_rng(devices=[]), torch.enable_grad():
+        torch.manual_seed(seed)  # torchattacks draws its random start from the global RNG
+        return atk(x.detach(), y.detach()).detach()
 
 
 def evaluate_threat_models(
@@ -193,7 +231,8 @@ def evaluate_threat_models(
 ) -> dict:
     """Accuracy of ``classifier`` and ``classifier(purifier(.))`` under each threat model.
 
-    ``attack``: ``pgd`` (ours; step size default eps/4, random start), ``autoattack``
+    ``attack``: ``pgd`` (ours; step size default eps/4, random start), ``ta-pgd``
+    (torchattacks' PGD / EOTPGD with the same steps, step size and EOT), ``autoattack``
     (``version`` standard or rand), ``apgd`` (APGD-CE), ``apgd-t``. ``eot``: gradient
     samples for the adaptive / BPDA threat models; None = 20 for randomized purifiers
     (``purifier.randomized`` and unseeded, e.g. MAE-Pure), 1 otherwise. The oblivious
@@ -254,7 +293,7 @@ def evaluate_threat_models(
                 continue
             from maep_fast.attacks.torchattacks_adapter import effective_eot
 
-            e = eot_adaptive if attack == "pgd" else effective_eot(attack, version, eot if eot is not None else (eot_adaptive if randomized else None))
+            e = eot_adaptive if attack in ("pgd", "ta-pgd") else effective_eot(attack, version, eot if eot is not None else (eot_adaptive if randomized else None))
             x_adv = _run(models[tm], x, y, eot=e, **kw)
             add((defense, tm), _predict_purified(purifier, classifier, x_adv), y, e)
     name = _attack_name(attack, steps, version)
@@ -264,7 +303,8 @@ def evaluate_threat_models(
         rows.append({
             "defense": dname, "threat_model": tm, "attack": name if attacked else "none",
             "norm": norm if attacked else None, "eps": eps if attacked else 0.0,
-            "steps": steps if attacked else 0, "step_size": (step_size if attack == "pgd" else None) if attacked else 0.0,
+            "steps": steps if attacked else 0,
+            "step_size": (step_size if attack in ("pgd", "ta-pgd") else None) if attacked else 0.0,
             "eot": eots[(dname, tm)], "n": n, "seed": seed, "accuracy": c / n,
             **({"version": version} if attack == "autoattack" and attacked else {}),
             **({"randomized_defense": randomized} if dname == defense else {}),

@@ -6,8 +6,13 @@ from pathlib import Path
 import torch
 
 
-def save_comparison_grid(columns: dict[str, torch.Tensor], path: str | Path, max_rows: int = 8) -> Path:
-    """One column per entry of ``columns`` (each [N, C, H, W] in [0, 1]), one row per image."""
+def save_comparison_grid(columns: dict[str, torch.Tensor], path: str | Path, max_rows: int = 8,
+                         labels: dict[str, list] | None = None, true_labels: list | None = None) -> Path:
+    """One column per entry of ``columns`` (each [N, C, H, W] in [0, 1]), one row per image.
+
+    ``labels``: optional {column name: per-image predicted labels}; each image is captioned with its
+    label ("pred 3"), in red where it differs from ``true_labels``.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -15,7 +20,7 @@ def save_comparison_grid(columns: dict[str, torch.Tensor], path: str | Path, max
 
     names = list(columns)
     n = min(max_rows, min(t.shape[0] for t in columns.values()))
-    fig, axes = plt.subplots(n, len(names), figsize=(1.6 * len(names), 1.6 * n), squeeze=False)
+    fig, axes = plt.subplots(n, len(names), figsize=(1.7 * len(names), (1.9 if labels else 1.6) * n), squeeze=False)
     for j, name in enumerate(names):
         for i in range(n):
             img = columns[name][i].detach().float().cpu().clamp(0, 1)
@@ -26,6 +31,10 @@ def save_comparison_grid(columns: dict[str, torch.Tensor], path: str | Path, max
                 ax.imshow(img.permute(1, 2, 0).numpy())
             ax.set_xticks([])
             ax.set_yticks([])
+            if labels and name in labels:
+                pred = labels[name][i]
+                wrong = true_labels is not None and str(pred) != str(true_labels[i])
+                ax.set_xlabel(f"pred {pred}", fontsize=8, color="red" if wrong else "black")
             if i == 0:
                 ax.set_title(name, fontsize=9)
     fig.tight_layout()

@@ -68,5 +68,38 @@ def test_demo_quick_via_module(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "adaptive-full-gradient" in r.stdout and "oblivious" in r.stdout
     m = json.loads((tmp_path / "metrics.json").read_text())
-    assert len(m["rows"]) == 5 and all("threat_model" in row for row in m["rows"])
-    assert (tmp_path / "grid.png").stat().st_size > 1000
+    keys = {"defense", "threat_model", "attack", "eps", "steps", "eot", "n", "accuracy"}
+    assert all(keys <= set(row) for row in m["rows"])
+    tms = {(row["defense"], row["threat_model"]) for row in m["rows"]}
+    assert {("MAEP", "oblivious"), ("MAEP", "adaptive-full-gradient"), ("MAE-Pure", "bpda-eot"),
+            ("MAEP-rand", "adaptive-full-gradient"), ("no defense", "oblivious")} <= tms
+    assert m["config"]["mae_pure"] and (tmp_path / "mae" / "model.safetensors").is_file()  # a plain MAE for MAE-Pure
+    for f in ("grid.png", "acc_vs_eps.png", "table.md"):
+        assert (tmp_path / f).stat().st_size > 100, f
+
+
+@pytest.mark.slow
+def test_demo_full_code_path_on_tiny_settings(tmp_path):
+    """--full's code path (3 eps x our PGD, torchattacks PGD, AutoAttack; randomized MAEP; MAE-Pure) with
+    tiny training and attack budgets: every section, row and file is produced."""
+    pytest.importorskip("torchattacks")
+    from maep_fast.demo import FULL, QUICK, DemoConfig, run_demo
+
+    cfg = DemoConfig(progress=False, **{**FULL, **QUICK, "mae_epochs": 1, "rand_eot": 2, "mp_eot": 1, "aa_steps": 1,
+                                        "aa_queries": 5, "mp_aa_steps": 1, "n_eval": 8, "rand_n": 4, "mp_n": 4})
+    m = run_demo(tmp_path, cfg)
+    rows = m["rows"]
+    assert {r["attack"] for r in rows} >= {"PGD-2", "torchattacks-PGD-2", "AutoAttack-standard", "AutoAttack-rand"}
+    assert {round(r["eps"] * 255) for r in rows if r["threat_model"] != "none"} == {8, 16, 32}
+    aa = {(r["defense"], r["attack"]) for r in rows if r["attack"].startswith("AutoAttack")}
+    assert ("MAEP", "AutoAttack-standard") in aa and ("MAE-Pure", "AutoAttack-rand") in aa
+    assert ("MAEP-rand", "AutoAttack-rand") in aa
+    assert all(r["n"] == {"MAEP": 8, "MAEP-rand": 4, "MAE-Pure": 4}.get(r["defense"], r["n"]) for r in rows)
+    assert m["sanity"] and all({"check", "passed", "message"} <= set(c) for c in m["sanity"])
+    for f in ("grid.png", "acc_vs_eps.png", "table.md", "metrics.json"):
+        assert (tmp_path / f).is_file()
+
+
+def test_demo_rejects_quick_with_full(tmp_path, capsys):
+    assert main(["demo", "--quick", "--full", "--out-dir", str(tmp_path)]) == 2
+    assert "--quick and --full" in capsys.readouterr().err

@@ -74,8 +74,8 @@ def test_step_halving_on_cpu(mae, path):
         seen = []
         real = pur._step_graph
 
-        def spy(x0, capture=True):
-            sg = real(x0, capture)
+        def spy(x0, capture=True, amp_dtype=None):
+            sg = real(x0, capture, amp_dtype)
             run = sg.run
 
             def recording_run():

@@ -185,3 +185,34 @@ def test_cli_eval_threat_models_and_purify_mae_pure(tmp_path, capsys):
     assert main(["purify", "--method", "mae-pure", "--purifier", str(tmp_path / "mae"), *map(str, paths),
                  "--out-dir", str(tmp_path / "o"), *mp]) == 0
     assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["in0.png", "in1.png"]
+
+
+def test_torchattacks_pgd_matches_ours_in_strength_and_reports_its_name(setup):
+    """attack="ta-pgd": torchattacks' own PGD (EOTPGD for EOT > 1) as an independent cross-check."""
+    pytest.importorskip("torchattacks")
+    clf, x, y, mae = setup
+    kw = dict(eps=0.3, steps=10, threat_models=["oblivious"], seed=0)
+    ours = evaluate_threat_models(clf, None, x, y, attack="pgd", **kw)
+    theirs = evaluate_threat_models(clf, None, x, y, attack="ta-pgd", **kw)
+    row = {r["threat_model"]: r for r in theirs["rows"]}
+    assert row["oblivious"]["attack"] == "torchattacks-PGD-10" and row["oblivious"]["step_size"] == pytest.approx(0.075)
+    acc = {r["threat_model"]: r["accuracy"] for r in ours["rows"]}
+    assert row["none"]["accuracy"] == 1.0 and row["oblivious"]["accuracy"] < 1.0  # it attacks
+    assert abs(row["oblivious"]["accuracy"] - acc["oblivious"]) <= 0.25  # two PGD implementations, same strength
+    rand = evaluate_threat_models(clf, MAEPure(mae, steps=1, step_size=0.02, eta=0.05), x[:4], y[:4], attack="ta-pgd",
+                                  eps=0.1, steps=2, eot=3, threat_models=["adaptive-full-gradient"],
+                                  include_undefended=False)
+    assert [r["eot"] for r in rand["rows"] if r["threat_model"] != "none"] == [3]
+
+
+def test_markdown_table_names_every_setting():
+    from maep_fast.evaluate import markdown_table
+
+    rows = [{"defense": "MAEP", "threat_model": "none", "attack": "none", "norm": None, "eps": 0.0, "steps": 0,
+             "eot": 0, "n": 360, "accuracy": 0.95},
+            {"defense": "MAEP", "threat_model": "adaptive-full-gradient", "attack": "PGD-20", "norm": "linf",
+             "eps": 16 / 255, "steps": 20, "eot": 4, "n": 360, "accuracy": 0.5}]
+    lines = markdown_table(rows).splitlines()
+    assert lines[0] == "| defense | threat model | attack | eps | steps | EOT | n | accuracy |"
+    assert lines[2] == "| MAEP | none | - | - | - | - | 360 | 95.00 % |"
+    assert lines[3] == "| MAEP | adaptive-full-gradient | PGD-20 | 16/255 | 20 | 4 | 360 | 50.00 % |"

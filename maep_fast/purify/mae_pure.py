@@ -63,6 +63,18 @@ active set shrinks; ``ValueError``), CPU tensors (``ValueError``, never a
 silent fallback), a model in training mode (``ValueError``). During warm-up
 and capture the MAE's parameters are set to ``requires_grad=False`` (their
 gradients are not part of the step) and restored afterwards.
+
+Precision (``precision=``: "auto" | "fp32" | "bf16" | "fp16", as on
+``Purifier``; see ``maep_fast.purify.maep``). The MAE's forward (encoder and
+decoder) runs under ``torch.autocast`` in that dtype; the reconstruction loss
+(per-patch statistics and reduction, on the prediction cast back to the
+iterate's dtype), the input gradient it returns, the iterate, eta-ball and
+the PGD step stay in fp32 (fp64 for fp64 inputs), outside any autocast; the
+result comes back in the input's dtype. "auto" (default) follows an autocast
+region the caller has open, else fp32 (``maep.AUTO_PRECISION``). The
+dtype is resolved once per call and is part of the CUDA-graph key: with
+``cuda_graph=True`` the autocast region is inside the captured step
+(weight-cast cache off, as CUDA graphs require).
 """
 from __future__ import annotations
 
@@ -77,6 +89,7 @@ from maep_fast.models.mae import MaskedAutoencoderViT
 from maep_fast.ops.patch_recon_loss import patch_recon_loss
 from maep_fast.ops._dispatch import resolve_backend
 from maep_fast.ops.pgd_step import _pgd_step_inplace_validated, pgd_step, pgd_step_
+from maep_fast.purify.maep import DEFAULT_PRECISION, check_precision, fp32_region, model_autocast, resolve_precision
 
 
 class MAEPure(nn.Module):
@@ -109,6 +122,7 @@ class MAEPure(nn.Module):
         exact_graph: bool = False,
         fused: bool = True,
         cuda_graph: bool = False,
+        precision: str = DEFAULT_PRECISION,
     ):
         super().__init__()
         if not fused:  # the pure-PyTorch reference path for every op
@@ -140,12 +154,14 @@ class MAEPure(nn.Module):
         self.mask_ratio, self.n_masks, self.early_stop, self.seed = float(mask_ratio), n_masks, early_stop, seed
         self.backend, self.progress, self.batch_size, self.exact_graph = backend, progress, batch_size, exact_graph
         self.cuda_graph = cuda_graph
+        self.precision = check_precision(precision)
         self._graphs: dict = {}  # chunk key -> _StepGraph (cuda_graph=True)
         self.last_steps_run: torch.Tensor | None = None  # per-sample number of steps taken by the last call
 
     def extra_repr(self) -> str:
         return (f"steps={self.steps}, step_size={self.step_size:.5g}, halve_step={self.halve_step}, eta={self.eta:.5g}, "
-                f"mask_ratio={self.mask_ratio}, n_masks={self.n_masks}, early_stop={self.early_stop}, seed={self.seed}")
+                f"mask_ratio={self.mask_ratio}, n_masks={self.n_masks}, early_stop={self.early_stop}, seed={self.seed}, "
+                f"precision={self.precision!r}")
 
     @property
     def config(self) -> dict:
@@ -158,33 +174,48 @@ class MAEPure(nn.Module):
             return None
         return torch.Generator(device=device).manual_seed(int(self.seed))
 
+    def compute_dtype(self, device: torch.device) -> torch.dtype:
+        """The dtype the MAE's forward runs in for an input on ``device`` now (see ``precision``)."""
+        return resolve_precision(self.precision, device)
+
     def step_size_at(self, s: int) -> float:
         """lambda at step s (0-based): halved for s >= S/2 when ``halve_step``."""
         return self.step_size / 2 if (self.halve_step and s >= self.steps // 2) else self.step_size
 
     def recon_loss(self, x: torch.Tensor, generator: torch.Generator | None = None,
-                   loss_backend: str | None = None) -> torch.Tensor:
-        """Per-sample masked reconstruction loss [N], mean over ``n_masks`` random masks (one batched forward)."""
+                   loss_backend: str | None = None, amp_dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Per-sample masked reconstruction loss [N], mean over ``n_masks`` random masks (one batched forward).
+        ``amp_dtype``: the model's compute dtype (default: ``compute_dtype(x.device)``)."""
         noise = self._draw_noise(x.shape[0], generator, x.device)
-        return self._recon_loss_noise(x, noise, loss_backend)
+        return self._recon_loss_noise(x, noise, loss_backend, amp_dtype)
 
     def _draw_noise(self, n: int, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
         """The masking noise of one step for a chunk of n samples: [n * n_masks, L]."""
         return torch.rand(n * self.n_masks, self.model.patch_embed.num_patches, generator=generator, device=device)
 
-    def _recon_loss_noise(self, x: torch.Tensor, noise: torch.Tensor, loss_backend: str | None = None) -> torch.Tensor:
-        """``recon_loss`` with given masking noise [N * n_masks, L] (no host sync: CUDA-graph capturable)."""
+    def _recon_loss_noise(self, x: torch.Tensor, noise: torch.Tensor, loss_backend: str | None = None,
+                          amp_dtype: torch.dtype | None = None) -> torch.Tensor:
+        """``recon_loss`` with given masking noise [N * n_masks, L] (no host sync: CUDA-graph capturable).
+        The MAE runs under the precision's autocast; the loss is computed outside it, on the prediction
+        cast to the model's dtype (fp32 statistics and reduction for an fp32 model)."""
         m = self.model
         n = x.shape[0]
+        dev = x.device
+        if amp_dtype is None:
+            amp_dtype = self.compute_dtype(dev)
         mdtype = m.patch_embed.proj.weight.dtype
         if x.dtype != mdtype:  # the iterate keeps its own dtype (fp64 stays fp64); the model sees its dtype
             x = x.to(mdtype)
         xr = x.repeat(self.n_masks, 1, 1, 1) if self.n_masks > 1 else x
-        latent, mask, ids_restore = m.forward_encoder(xr, self.mask_ratio, noise)
-        pred = m.forward_decoder(latent, ids_restore)
-        per = patch_recon_loss(pred, xr, mask, patch_size=m.patch_size, norm_pix=m.norm_pix_loss, p=2,
-                               reduction="per_sample", backend=loss_backend or self.backend)
-        return per.view(self.n_masks, n).mean(0)
+        with model_autocast(dev, amp_dtype):
+            latent, mask, ids_restore = m.forward_encoder(xr, self.mask_ratio, noise)
+            pred = m.forward_decoder(latent, ids_restore)
+        with fp32_region(dev):
+            if pred.dtype != xr.dtype:
+                pred, mask = pred.to(xr.dtype), mask.to(xr.dtype)
+            per = patch_recon_loss(pred, xr, mask, patch_size=m.patch_size, norm_pix=m.norm_pix_loss, p=2,
+                                   reduction="per_sample", backend=loss_backend or self.backend)
+            return per.view(self.n_masks, n).mean(0)
 
     def _check(self, x: torch.Tensor) -> torch.Tensor:
         check_tensor(x, "x", ndim=4)
@@ -215,15 +246,19 @@ class MAEPure(nn.Module):
                 raise ValueError("cuda_graph=True needs the MAE in eval mode (call .eval())")
         chunk = self._purify_chunk_graph if self.cuda_graph else self._purify_chunk
         gen = self._generator(x.device)
+        amp = self.compute_dtype(x.device)
         outs, counts = [], []
         for k in range(0, x.shape[0], self.batch_size):
-            o, c = chunk(x[k:k + self.batch_size], gen)
+            o, c = chunk(x[k:k + self.batch_size], gen, amp_dtype=amp)
             outs.append(o)
             counts.append(c)
         self.last_steps_run = torch.cat(counts)
         return torch.cat(outs)
 
-    def _purify_chunk(self, x: torch.Tensor, gen) -> tuple[torch.Tensor, torch.Tensor]:
+    def _purify_chunk(self, x: torch.Tensor, gen, amp_dtype: torch.dtype | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        if amp_dtype is None:
+            amp_dtype = self.compute_dtype(x.device)
         x0 = x.detach().float().clone() if x.dtype != torch.float64 else x.detach().clone()
         xs = x0.clone()
         n = x0.shape[0]
@@ -235,7 +270,7 @@ class MAEPure(nn.Module):
             xa = xs.index_select(0, active) if active.numel() < n else xs
             with torch.enable_grad():
                 xg = xa.detach().requires_grad_(True)
-                loss = self.recon_loss(xg, gen)
+                loss = self.recon_loss(xg, gen, amp_dtype=amp_dtype)
                 grad = torch.autograd.grad(loss.sum(), xg)[0]
             x0a = x0.index_select(0, active) if active.numel() < n else x0
             xa = xa.clone() if active.numel() < n else xa
@@ -261,25 +296,32 @@ class MAEPure(nn.Module):
         """Drop the cached CUDA graphs and their static buffers / memory pools."""
         self._graphs.clear()
 
-    def _graph_key(self, x0: torch.Tensor) -> tuple:
+    def _graph_key(self, x0: torch.Tensor, amp_dtype: torch.dtype) -> tuple:
         m = self.model
         blocks = list(m.blocks) + list(m.decoder_blocks)
-        return (tuple(x0.shape), x0.dtype, x0.device, self.n_masks, self.mask_ratio, self.backend, m.ops_backend,
+        return (tuple(x0.shape), x0.dtype, x0.device, amp_dtype, self.n_masks, self.mask_ratio, self.backend, m.ops_backend,
                 m.norm_pix_loss, tuple((b.attn.fused_attn, b.attn.backend, b.attn.keep_attn) for b in blocks),
                 tuple(p.data_ptr() for p in m.parameters()), tuple(b.data_ptr() for b in m.buffers()))
 
-    def _step_graph(self, x0: torch.Tensor, capture: bool = True) -> "_StepGraph":
-        key = self._graph_key(x0)
+    def _step_graph(self, x0: torch.Tensor, capture: bool = True, amp_dtype: torch.dtype | None = None
+                    ) -> "_StepGraph":
+        if amp_dtype is None:
+            amp_dtype = self.compute_dtype(x0.device)
+        key = self._graph_key(x0, amp_dtype)
         sg = self._graphs.get(key) if capture else None
         if sg is None:
-            sg = _StepGraph(self, x0, capture)
+            sg = _StepGraph(self, x0, capture, amp_dtype)
             if capture:
                 self._graphs[key] = sg
         return sg
 
-    def _purify_chunk_graph(self, x: torch.Tensor, gen, capture: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    def _purify_chunk_graph(self, x: torch.Tensor, gen, capture: bool = True, amp_dtype: torch.dtype | None = None
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
         """``_purify_chunk`` (no early stop) by replays of one captured step. ``capture=False`` runs the
-        same static-buffer code eagerly (any device; a CPU test of the bookkeeping)."""
+        same static-buffer code eagerly (any device; a CPU test of the bookkeeping). ``amp_dtype``: the
+        model's compute dtype (default: ``compute_dtype``), autocast inside the captured step."""
+        if amp_dtype is None:
+            amp_dtype = self.compute_dtype(x.device)
         for name, v in (("step_size", self.step_size), ("eta", self.eta)):  # pgd_step_'s checks, done once
             if not math.isfinite(v) or v < 0:
                 raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
@@ -288,7 +330,7 @@ class MAEPure(nn.Module):
         steps_run = torch.full((n,), self.steps, dtype=torch.int64, device=x.device)
         if self.steps == 0:
             return x0.clone().to(x.dtype), steps_run
-        sg = self._step_graph(x0, capture)
+        sg = self._step_graph(x0, capture, amp_dtype)
         sg.x.copy_(x0)
         sg.x0.copy_(x0)
         sg.eps.fill_(self.eta)
@@ -328,6 +370,7 @@ class MAEPure(nn.Module):
 
     def _forward_graph(self, x: torch.Tensor) -> torch.Tensor:
         gen = self._generator(x.device)
+        amp = self.compute_dtype(x.device)
         x0 = x
         xs = x
         n = x.shape[0]
@@ -337,12 +380,12 @@ class MAEPure(nn.Module):
         for s in tqdm(range(self.steps), desc="MAE-Pure (grad)", leave=False, disable=not self.progress):
             if self.exact_graph:
                 # reference loss: native loss kernels need not be twice differentiable
-                loss = self.recon_loss(xs, gen, loss_backend="torch")
+                loss = self.recon_loss(xs, gen, loss_backend="torch", amp_dtype=amp)
                 g = torch.autograd.grad(loss.sum(), xs, create_graph=True)[0]
             else:
                 with torch.enable_grad():
                     xg = xs.detach().requires_grad_(True)
-                    loss = self.recon_loss(xg, gen)
+                    loss = self.recon_loss(xg, gen, amp_dtype=amp)
                     g = torch.autograd.grad(loss.sum(), xg)[0]
             step = torch.full((n,), self.step_size_at(s), device=x.device, dtype=torch.float32)
             step = torch.where(frozen, torch.zeros_like(step), step)
@@ -364,14 +407,16 @@ class _StepGraph:
     """Static buffers of one chunk shape and one purification step on them, captured in a CUDA graph.
 
     Buffers: ``x`` (iterate, updated in place), ``x0`` (clean input), ``noise`` [N * n_masks, L],
-    ``step`` / ``eps`` [N] (compute dtype), ``loss`` [N] (output of the last run).
+    ``step`` / ``eps`` [N] (the iterate's dtype), ``loss`` [N] (output of the last run).
+    ``amp_dtype``: the MAE's compute dtype; its autocast region is part of the captured step.
     """
 
-    def __init__(self, pur: MAEPure, x0: torch.Tensor, capture: bool):
+    def __init__(self, pur: MAEPure, x0: torch.Tensor, capture: bool, amp_dtype: torch.dtype = torch.float32):
         dev, cdtype = x0.device, x0.dtype
         n = x0.shape[0]
         length = pur.model.patch_embed.num_patches
         self.pur = pur
+        self.amp_dtype = amp_dtype
         self.x = torch.full_like(x0, 0.5, memory_format=torch.contiguous_format)
         self.x0 = torch.full_like(x0, 0.5, memory_format=torch.contiguous_format)
         # placeholder noise for the warm-up; deterministic, so building a graph never consumes RNG state
@@ -387,7 +432,7 @@ class _StepGraph:
     def _step(self) -> torch.Tensor:
         with torch.enable_grad():
             xg = self.x.detach().requires_grad_(True)
-            loss = self.pur._recon_loss_noise(xg, self.noise)
+            loss = self.pur._recon_loss_noise(xg, self.noise, amp_dtype=self.amp_dtype)
             grad = torch.autograd.grad(loss.sum(), xg)[0]
         _pgd_step_inplace_validated(self.x, grad, self.x0, self.step, self.eps, "linf", -1, 0.0, 1.0, self.backend)
         return loss.detach()

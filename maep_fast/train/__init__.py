@@ -1,6 +1,7 @@
-"""Training: classifiers, MAEP's two stages, shared loop and checkpoints."""
+"""Training: classifiers, MAE pretraining, MAEP's two stages, shared loop and checkpoints."""
 from maep_fast.train.classifier import accuracy, train_classifier
 from maep_fast.train.loop import LoopConfig, fit
+from maep_fast.train.mae_pretrain import MAEPretrainConfig, train_mae
 from maep_fast.train.maep import (
     AdversarialPairs,
     AttackConfig,
@@ -13,6 +14,6 @@ from maep_fast.train.maep import (
 )
 
 __all__ = [
-    "AdversarialPairs", "AttackConfig", "LoopConfig", "MAEPConfig", "accuracy", "fit", "maep_loss",
-    "make_adversarial", "train_classifier", "train_maep", "train_stage1", "train_stage2",
+    "AdversarialPairs", "AttackConfig", "LoopConfig", "MAEPConfig", "MAEPretrainConfig", "accuracy", "fit",
+    "maep_loss", "make_adversarial", "train_classifier", "train_mae", "train_maep", "train_stage1", "train_stage2",
 ]

@@ -1,5 +1,17 @@
 """One training loop for every stage: AdamW, warmup+cosine, tqdm, AMP on GPU,
-resumable snapshots after each epoch, fixed seeds.
+resumable snapshots after each epoch (and every ``snapshot_every`` steps),
+fixed seeds.
+
+Reproducibility: ``fit`` seeds torch, numpy and Python's ``random`` with
+``cfg.seed + rank`` before its first step, every epoch's data order comes
+from a generator seeded with ``cfg.seed + epoch``, and a snapshot holds the
+model, optimizer, schedule, every RNG state (torch, CUDA, numpy, Python), the
+epoch, the batch position inside the epoch and the metrics so far. A run
+killed at any moment (SIGKILL included; snapshots are written atomically)
+and restarted with ``resume=True`` skips the batches it already trained and
+ends bit-identical to an uninterrupted run on the same machine. Seed
+*before* building the model (``common.set_seed``) so its initialisation is
+reproducible too; the CLI does.
 
 ``dataset`` is anything with ``loader(batch_size, shuffle, seed, drop_last)``
 yielding tuples of tensors; ``step_fn(*batch) -> (loss, {name: value})``
@@ -52,6 +64,7 @@ class LoopConfig:
     grad_clip: float | None = 1.0
     state_dir: str | None = None  # resumable snapshots go here
     resume: bool = False
+    snapshot_every: int = 0  # also snapshot every N optimizer steps inside an epoch (0: at epoch ends only)
     progress: bool = True
     desc: str = "train"
     history: list = field(default_factory=list)
@@ -72,6 +85,8 @@ def fit(
     """
     if cfg.epochs < 0:
         raise ValueError(f"epochs must be >= 0, got {cfg.epochs}")
+    if isinstance(cfg.snapshot_every, bool) or not isinstance(cfg.snapshot_every, int) or cfg.snapshot_every < 0:
+        raise ValueError(f"snapshot_every must be an int >= 0, got {cfg.snapshot_every!r}")
     if not params:
         raise ValueError("no trainable parameters")
     device = next(model.parameters()).device
@@ -94,7 +109,10 @@ def fit(
     steps_per_epoch = max(1, len(epoch_loader(0)))
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
     sched = warmup_cosine(opt, int(cfg.warmup_epochs * steps_per_epoch), cfg.epochs * steps_per_epoch)
-    start_epoch, step = 0, 0
+    start_epoch, start_batch, step = 0, 0, 0
+    history: list[dict] = []
+    resume_sums: dict[str, float] = {}
+    resume_count = 0
     run_config = dict(run_config or {})
     resume = bool(cfg.resume and cfg.state_dir and (Path(cfg.state_dir) / "state.json").is_file())
     if distributed:  # every rank must take the same branch, or the collectives below would not pair up
@@ -103,18 +121,35 @@ def fit(
             raise RuntimeError(f"{cfg.state_dir!r} holds a snapshot on some ranks only; "
                                "resuming a multi-process run needs a state_dir on a file system all ranks share")
     if resume:
-        start_epoch, step = load_training_state(cfg.state_dir, model, opt, sched, run_config,
-                                                **({"rank": rank} if distributed else {}))
+        st = load_training_state(cfg.state_dir, model, opt, sched, run_config, full=True,
+                                 **({"rank": rank} if distributed else {}))
+        start_epoch, start_batch, step = int(st["epoch"]), int(st["batch"]), int(st["step"])
+        history = [dict(h) for h in st["history"]]
+        resume_sums, resume_count = dict(st["epoch_sums"]), int(st["epoch_count"])
     # the step runs as DDP's forward; in one process it is called directly
     run_step = D.wrap_step(model, params, step_fn, device) if distributed else step_fn
-    history = []
+
+    def snapshot(epoch_done: int, batch: int, sums: dict, count: int) -> None:
+        _save_snapshot(cfg, model, opt, sched, epoch_done, step, run_config, distributed, device,
+                       batch=batch, history=history, epoch_sums=sums, epoch_count=count)
+
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
-        sums: dict[str, float] = {}
-        count = 0
-        bar = tqdm(epoch_loader(epoch), desc=f"{cfg.desc} {epoch + 1}/{cfg.epochs}", leave=False,
+        skip = start_batch if epoch == start_epoch else 0
+        sums: dict[str, float] = dict(resume_sums) if skip else {}
+        count = resume_count if skip else 0
+        loader = epoch_loader(epoch)
+        n_batches = len(loader)
+        # DataLoader.__iter__ draws a base seed from the global torch RNG (when the loader has no
+        # generator of its own); keep that out of the training stream, or a run resumed mid-epoch
+        # (whose restored RNG state already follows that draw) would differ from an uninterrupted one
+        with torch.random.fork_rng(devices=[]):
+            batches = iter(loader)
+        bar = tqdm(batches, total=n_batches, desc=f"{cfg.desc} {epoch + 1}/{cfg.epochs}", leave=False, initial=0,
                    disable=not (cfg.progress and main))
-        for batch in bar:
+        for i, batch in enumerate(bar):
+            if i < skip:  # trained before the snapshot this run resumed from (same seeded order)
+                continue
             if distributed:
                 batch = D.shard_batch(batch, rank, world)
             batch = [b.to(device, non_blocking=True) for b in batch]
@@ -138,6 +173,8 @@ def fit(
                 sums[k] = sums.get(k, 0.0) + float(v)
             if main:
                 bar.set_postfix({k: f"{v:.4f}" for k, v in metrics.items()})
+            if cfg.state_dir and cfg.snapshot_every and step % cfg.snapshot_every == 0 and i + 1 < n_batches:
+                snapshot(epoch, i + 1, sums, count)
         means = {k: v / max(count, 1) for k, v in sums.items()}
         if distributed and means:  # average over ranks (equal batch sizes, so the global means)
             keys = sorted(means)
@@ -146,7 +183,7 @@ def fit(
         means["epoch"] = epoch + 1
         history.append(means)
         if cfg.state_dir:
-            _save_snapshot(cfg, model, opt, sched, epoch + 1, step, run_config, distributed, device)
+            snapshot(epoch + 1, 0, {}, 0)
     model.eval()
     cfg.history.extend(history)
     return history
@@ -158,9 +195,9 @@ def _comm_device(device: torch.device) -> torch.device:
 
 
 def _save_snapshot(cfg: LoopConfig, model, opt, sched, epoch: int, step: int, run_config: dict,
-                   distributed: bool, device: torch.device) -> None:
+                   distributed: bool, device: torch.device, **extra) -> None:
     if not distributed:
-        save_training_state(cfg.state_dir, model, opt, sched, epoch, step, run_config)
+        save_training_state(cfg.state_dir, model, opt, sched, epoch, step, run_config, **extra)
         return
     # every rank's RNG state goes into the snapshot, so a resumed run continues each stream
     local = rng_state()
@@ -171,5 +208,5 @@ def _save_snapshot(cfg: LoopConfig, model, opt, sched, epoch: int, step: int, ru
             rng[key if r == 0 else f"{key}.rank{r}"] = st.cpu()
     if D.is_main_process():
         save_training_state(cfg.state_dir, model, opt, sched, epoch, step, run_config,
-                            rng=rng, world_size=D.world_size())
+                            rng=rng, world_size=D.world_size(), **extra)
     D.barrier()  # nobody reads or resumes before rank 0 has written
