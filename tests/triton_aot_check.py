@@ -144,7 +144,9 @@ def _drive_pgd_step(full: bool):
     from maep_fast.ops.triton_kernels.pgd_step import pgd_step_triton
 
     for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
-        for shape in ((4, 3, 32, 32), (3, 3, 224, 224)) if full or dtype == torch.float32 else ((4, 3, 32, 32),):
+        # 4x3x32x32: the one-pass L2 kernel; 2x4100 and 3x3x224x224: the three-launch L2 path
+        for shape in ((4, 3, 32, 32), (2, 4100), (3, 3, 224, 224)) if full or dtype == torch.float32 \
+                else ((4, 3, 32, 32), (2, 4100)):
             x = torch.rand(shape).to(dtype)
             cd = torch.float64 if dtype == torch.float64 else torch.float32
             step = torch.full((shape[0],), 0.01, dtype=cd)
