@@ -15,7 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from test_cuda_sass import _cuobjdump, _nvcc
+import cuda_build
+from cuda_build import cuobjdump_path as _cuobjdump
+from cuda_build import nvcc_path as _nvcc
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA_KERNELS = ("pgd_linf_kernel", "pgd_l2_resident_kernel", "pgd_l2_dsq_kernel", "pgd_l2_apply_kernel",
@@ -25,7 +27,7 @@ REDUCTION_ONLY = ("gsq", "dsq", "prl_row_fwd")  # their stores are per-sample / 
 
 @pytest.fixture(scope="module", params=[(80, "pgd_step"), (90, "pgd_step"), (80, "patch_recon_loss"),
                                         (90, "patch_recon_loss")], ids=str)
-def sass(request, tmp_path_factory):
+def sass(request):
     nvcc = _nvcc()
     if not nvcc:
         pytest.skip("nvcc not found")
@@ -33,16 +35,13 @@ def sass(request, tmp_path_factory):
     if not cuobjdump:
         pytest.skip("cuobjdump not found")
     arch, stem = request.param
-    cubin = tmp_path_factory.mktemp(f"{stem}{arch}") / f"{stem}.cubin"
-    res = subprocess.run([nvcc, "-std=c++17", "-O3", f"-arch=sm_{arch}", "-cubin", "-Xptxas", "-v",
-                          f"-I{ROOT / 'kernels'}", f"-I{ROOT}", str(ROOT / "kernels" / f"{stem}.cu"), "-o", str(cubin)],
-                         capture_output=True, text=True, check=True)
+    cubin, ptxas_report = cuda_build.cubin(stem, arch)
     text = subprocess.run([cuobjdump, "-sass", str(cubin)], capture_output=True, text=True, check=True).stdout
     kernels = {}
     for block in re.split(r"\n\s*Function : ", text)[1:]:
         name, body = block.split("\n", 1)
         kernels[name.strip()] = body
-    return arch, kernels, _ptxas_by_kernel(res.stderr)
+    return arch, kernels, _ptxas_by_kernel(ptxas_report)
 
 
 def _ptxas_by_kernel(report: str) -> dict:

@@ -20,6 +20,9 @@ from pathlib import Path
 
 import pytest
 
+import cuda_build
+from cuda_build import cuobjdump_path, nvcc_path
+
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "kernels" / "masked_patch_attention.cu"
 SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}  # opt-in shared memory per block
@@ -28,25 +31,11 @@ TC_KINDS = ("mpa_fwd_tc_kernel", "mpa_dq_tc_kernel", "mpa_dkdv_tc_kernel")
 
 
 def _nvcc():
-    nvcc = os.environ.get("NVCC") or shutil.which("nvcc")
-    if not nvcc and Path("/usr/local/cuda/bin/nvcc").exists():
-        nvcc = "/usr/local/cuda/bin/nvcc"
-    return nvcc
+    return nvcc_path()
 
 
 def _cuobjdump(nvcc):
-    cands = [os.environ.get("CUOBJDUMP"), str(Path(nvcc).resolve().parent / "cuobjdump"), shutil.which("cuobjdump"),
-             "/usr/local/cuda/bin/cuobjdump"]
-    try:
-        import triton  # ships a cuobjdump with its NVIDIA backend
-
-        cands.append(str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"))
-    except Exception:  # noqa: BLE001 - triton is optional here
-        pass
-    for c in cands:
-        if c and Path(c).is_file() and os.access(c, os.X_OK):
-            return c
-    return None
+    return cuobjdump_path(nvcc)
 
 
 def dkdv_dynamic_smem(dp: int) -> int:
@@ -76,13 +65,7 @@ def compile_arch(arch: int):
     cuobjdump = _cuobjdump(nvcc)
     if not cuobjdump:
         pytest.skip("cuobjdump not found (nvcc's bin, PATH, CUOBJDUMP or triton's bundled copy)")
-    out_dir = Path(os.environ.get("TMPDIR", "/tmp")) / f"maep_fast_sass_{os.getpid()}"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    cubin = out_dir / f"masked_patch_attention.sm_{arch}.cubin"
-    cmd = [nvcc, "-std=c++17", "-O3", f"-arch=sm_{arch}", "-cubin", "-Xptxas", "-v", "-Werror", "all-warnings",
-           f"-I{ROOT / 'kernels'}", f"-I{ROOT}", str(SRC), "-o", str(cubin)]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-    assert res.returncode == 0, res.stderr[-4000:]
+    cubin, ptxas_report = cuda_build.cubin("masked_patch_attention", arch)
     sass = subprocess.run([cuobjdump, "-sass", str(cubin)], capture_output=True, text=True, timeout=300)
     assert sass.returncode == 0, sass.stderr
     usage = subprocess.run([cuobjdump, "-res-usage", str(cubin)], capture_output=True, text=True, timeout=300)
@@ -108,7 +91,7 @@ def compile_arch(arch: int):
 
     spills = {}  # name -> (spill stores, spill loads), from ptxas -v
     cur = None
-    for line in res.stderr.splitlines():
+    for line in ptxas_report.splitlines():
         m = re.search(r"Function properties for (\S+)", line)
         if m:
             cur = m.group(1)
