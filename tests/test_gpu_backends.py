@@ -254,9 +254,18 @@ def test_mpa_cuda_rejects_what_it_cannot_run():
     q = torch.randn(1, 1, 4, 160, device=DEV)
     with pytest.raises(ValueError, match="head dim"):
         masked_patch_attention(q, q, q, backend="cuda")
-    # the native op itself refuses too (its C++ host checks), with a Python exception
+
+
+def test_mpa_cuda_native_op_refuses_wide_heads():
+    """The native op called directly (below the Python refusal) refuses in its C++ host checks.
+    This is the call that crashed the first GPU run's worker (a segfault, root cause not found
+    without a GPU: see the issue #11 notes); if it crashes again, run it alone under gdb."""
+    need(MPA, "cuda")
+    q = torch.randn(1, 1, 4, 160, device=DEV)
     with pytest.raises(RuntimeError, match="head dim"):
         torch.ops.maep_fast.masked_patch_attention(q, q, q, None, 0.1)
+    with pytest.raises(RuntimeError, match="float64"):
+        torch.ops.maep_fast.masked_patch_attention(q.double(), q.double(), q.double(), None, 0.1)
 
 
 # ==========================================================================================
