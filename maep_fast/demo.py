@@ -113,6 +113,7 @@ QUICK = dict(classifier_epochs=1, stage1_epochs=1, stage2_epochs=1, train_steps=
 # eps 8/16/32 x {our PGD-20, torchattacks PGD-20, AutoAttack}
 FULL = dict(full=True, stage1_epochs=90, stage2_epochs=5, train_steps=10, eval_eps=(8 / 255, 16 / 255, 32 / 255),
             attacks=("pgd", "ta-pgd", "autoattack"), rand_n=120, rand_eot=8, mae_epochs=80, mp_n=120,
+            mp_eta=40 / 255, mp_mask_ratio=0.6,  # the best measured MAE-Pure schedule (README, recipes)
             mp_attack_steps=20, mp_eot=4, mimir=False)
 
 

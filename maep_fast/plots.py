@@ -11,7 +11,7 @@ def save_comparison_grid(columns: dict[str, torch.Tensor], path: str | Path, max
     """One column per entry of ``columns`` (each [N, C, H, W] in [0, 1]), one row per image.
 
     ``labels``: optional {column name: per-image predicted labels}; each image is captioned with its
-    label ("pred 3"), in red where it differs from ``true_labels``.
+    label ("pred 3"; the first column also shows the true label), in red where it differs from ``true_labels``.
     """
     import matplotlib
 
@@ -34,7 +34,8 @@ def save_comparison_grid(columns: dict[str, torch.Tensor], path: str | Path, max
             if labels and name in labels:
                 pred = labels[name][i]
                 wrong = true_labels is not None and str(pred) != str(true_labels[i])
-                ax.set_xlabel(f"pred {pred}", fontsize=8, color="red" if wrong else "black")
+                text = f"pred {pred}" if true_labels is None or j else f"true {true_labels[i]}, pred {pred}"
+                ax.set_xlabel(text, fontsize=8, color="red" if wrong else "black")
             if i == 0:
                 ax.set_title(name, fontsize=9)
     fig.tight_layout()

@@ -190,8 +190,11 @@ def test_resume_matches_uninterrupted_run(two_ranks):
     assert _info(out, 0).get("stopped") and _info(out, 1).get("stopped")
     state = json.loads((out / "state" / "state.json").read_text())
     assert state["epoch"] == EPOCHS and state["world_size"] == 2  # the resumed run finished and saved
-    rng = load_file(str(out / "state" / "rng.safetensors"))
-    assert {"torch", "torch.rank1"} <= set(rng) and not torch.equal(rng["torch"], rng["torch.rank1"])
+    from maep_fast.train.common import snapshot_files  # the snapshot's files are named in state.json
+
+    rng = load_file(str(snapshot_files(out / "state")["rng"]))
+    assert {"torch", "torch.rank1", "numpy.rank1", "python.rank1"} <= set(rng)
+    assert not torch.equal(rng["torch"], rng["torch.rank1"])
     full, resumed = _load(out, "r5", 0), _load(out, "resumed", 0)
     for k in full:
         torch.testing.assert_close(resumed[k], full[k], rtol=0, atol=0, msg=lambda m: f"{k}: {m}")
