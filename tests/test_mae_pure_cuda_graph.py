@@ -1,7 +1,8 @@
 """MAEPure(cuda_graph=True): argument errors on the CPU; on a GPU the captured step replays to the
-eager no-grad result for the same seed (incl. a ragged last chunk), honours step halving and stays
-in the eta-ball and [0, 1]. The static-buffer bookkeeping (noise order, step refills) is also
-checked on the CPU by running it uncaptured."""
+eager no-grad result for the same seed (incl. a ragged last chunk, and under bf16 / fp16 autocast
+inside the captured step), honours step halving and stays in the eta-ball and [0, 1]. The
+static-buffer bookkeeping (noise order, step refills, the precision's autocast and graph key) is
+also checked on the CPU by running it uncaptured."""
 import pytest
 import torch
 
@@ -110,6 +111,43 @@ def test_any_accepted_dtype_reaches_the_model_in_its_dtype(mae, dtype, path):
         torch.testing.assert_close(y.float(), y32, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+@pytest.mark.parametrize("n_masks", [1, 2])
+def test_static_buffer_path_matches_eager_under_precision(mae, precision, n_masks):
+    """precision= under the graph path's bookkeeping (CPU, uncaptured): the autocast region is inside
+    the step, the noise and step sizes are eager's, so the result is the eager path's for the seed."""
+    x = torch.rand(5, 1, 8, 8)
+    kw = dict(steps=6, step_size=2 / 255, eta=8 / 255, n_masks=n_masks, seed=3, batch_size=3, precision=precision)
+    ye = MAEPure(mae, **kw).purify(x)
+    pur = MAEPure(mae, **kw)
+    gen = pur._generator(x.device)
+    seen = []
+    h = mae.decoder_pred.register_forward_hook(lambda mod, inp, out: seen.append(out.dtype))
+    try:
+        outs = [pur._purify_chunk_graph(x[k:k + 3], gen, capture=False)[0] for k in range(0, 5, 3)]
+    finally:
+        h.remove()
+    want = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    assert set(seen) == {want}
+    torch.testing.assert_close(torch.cat(outs), ye, atol=1e-6, rtol=0)
+
+
+def test_graph_key_and_step_carry_the_precision(mae):
+    """The compute dtype is part of the graph key (a graph captured in fp32 is never replayed for bf16)
+    and of the step object; "auto" resolves to the caller's autocast."""
+    pur = MAEPure(mae, steps=2, seed=0)
+    x0 = torch.rand(4, 1, 8, 8)
+    assert pur._graph_key(x0, torch.float32) != pur._graph_key(x0, torch.bfloat16)
+    assert pur._step_graph(x0, capture=False).amp_dtype == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert pur._step_graph(x0, capture=False).amp_dtype == torch.bfloat16
+        assert MAEPure(mae, precision="fp32")._step_graph(x0, capture=False).amp_dtype == torch.float32
+    sg = MAEPure(mae, steps=2, precision="bf16")._step_graph(x0, capture=False)
+    assert sg.amp_dtype == torch.bfloat16 and sg.x.dtype == torch.float32 and sg.step.dtype == torch.float32
+    sg.run()
+    assert sg.loss.dtype == torch.float32 and sg.x.dtype == torch.float32
+
+
 # ------------------------------------------------------------------ GPU
 def _pair(model, x, **kw):
     eager = MAEPure(model, **kw).purify(x)
@@ -199,3 +237,19 @@ def test_graph_rejects_training_mode():
     m.train()
     with pytest.raises(ValueError, match="eval mode"):
         pur.purify(torch.rand(2, 3, 16, 16, device="cuda"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+@pytest.mark.parametrize("batch_size", [16, 6])
+def test_graph_matches_eager_under_precision(precision, batch_size):
+    """Autocast inside the captured step (weight-cast cache off): same result as the eager path."""
+    m = _cuda_model()
+    x = torch.rand(10, 3, 16, 16, device="cuda")
+    ye, yg, pur = _pair(m, x, steps=8, step_size=2 / 255, eta=8 / 255, seed=7, batch_size=batch_size,
+                        precision=precision)
+    _assert_close_mostly(yg, ye, frac=2e-2)  # low precision: more sign(grad) ties flip
+    assert all(k[3] == {"bf16": torch.bfloat16, "fp16": torch.float16}[precision] for k in pur._graphs)
+    assert (yg - x).abs().max().item() <= 8 / 255 + 1e-6 and yg.min() >= 0 and yg.max() <= 1
+    torch.testing.assert_close(pur.purify(x), yg, atol=0, rtol=0)
