@@ -261,6 +261,8 @@ def bench_maep(B: Bench, preset: str, base_model, dtype, batches, fl, use_compil
     fused = Purifier(fused_model, fused=True, batch_size=max(batches))
     # dynamic=None: the second batch size recompiles with a dynamic batch dimension, later ones reuse it
     compiled = torch.compile(ref._single) if use_compile else None
+    fused_compiled = (Purifier(copy.deepcopy(base_model), fused=True, batch_size=max(batches), compile=True)
+                      if use_compile else None)
     for b in batches:
         x = torch.rand(b, base_model.in_chans, base_model.img_size, base_model.img_size, device=dev)
         common = {"purifier": "MAEP", "preset": preset, "dtype": dname}
@@ -279,6 +281,8 @@ def bench_maep(B: Bench, preset: str, base_model, dtype, batches, fl, use_compil
                     return compiled(x)
             B.run({**common, "variant": "compile"}, b, lambda: comp, fl["maep"], compiled=True)
         B.run({**common, "variant": "fused"}, b, lambda: call(fused), fl["maep"])
+        if fused_compiled is not None:  # Purifier(compile=True): our ops inside torch.compile (CUDA graphs for small chunks)
+            B.run({**common, "variant": "fused+compile"}, b, lambda: call(fused_compiled), fl["maep"], compiled=True)
     del ref_model, fused_model
 
 
@@ -292,10 +296,13 @@ def bench_mae_pure(B: Bench, preset: str, base_model, dtype, batches, fl, steps_
         fl_img = fl["mae_pure_step"] * s
         for b in batches:
             x = torch.rand(b, base_model.in_chans, base_model.img_size, base_model.img_size, device=dev)
-            for variant, model, backend, env in (("fused", fused_model, "auto", None),
-                                                 ("reference", ref_model, "torch", "torch")):
-                def purifier(steps, model=model, backend=backend, env=env):
-                    mp = MAEPure(model, steps=steps, mask_ratio=0.25, n_masks=1, backend=backend, batch_size=b, seed=0)
+            variants = [("fused", fused_model, "auto", None, False), ("reference", ref_model, "torch", "torch", False)]
+            if dev.type == "cuda":  # one step captured in a CUDA graph and replayed S times
+                variants.insert(1, ("fused+graph", fused_model, "auto", None, True))
+            for variant, model, backend, env, graph in variants:
+                def purifier(steps, model=model, backend=backend, env=env, graph=graph):
+                    mp = MAEPure(model, steps=steps, mask_ratio=0.25, n_masks=1, backend=backend, batch_size=b, seed=0,
+                                 cuda_graph=graph)
 
                     def f():
                         with backend_env(env), amp(dev, dtype):
@@ -323,7 +330,10 @@ def bench_diffpure(B: Bench, unet, dtype, batches, fl_call, timed_steps: int | N
 
         for variant, kw, calls, scale in (
                 (f"sde{full}", dict(sampler="sde", dt=0.1 / n_timed), full, full / n_timed),
-                (f"ddim{ddim_steps}", dict(sampler="ddim", ddim_steps=ddim_steps), ddim_steps, 1.0)):
+                (f"ddim{ddim_steps}", dict(sampler="ddim", ddim_steps=ddim_steps), ddim_steps, 1.0),
+                # one reverse evaluation from t* (consistency-distilled purifiers such as OSCP, DBLP):
+                # what a user who wants speed would pick instead of 100-step DiffPure
+                ("one_step", dict(sampler="one_step"), 1, 1.0)):
             def make(kw=kw):
                 dp = DiffPure(unet, t_star=0.1, seed=0, batch_size=b, **kw)
 
