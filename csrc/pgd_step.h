@@ -3,7 +3,9 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty_like.h>
 #include <c10/util/Exception.h>
+#include <torch/library.h>
 
 #include <cmath>
 #include <string_view>
@@ -78,5 +80,61 @@ inline bool check_pgd_step_args(
               " and ", clamp_max);
   return norm == "l2";
 }
+
+// A backend's step: run(x, grad, x0, step, eps, out, l2, direction, clamp_min, clamp_max) writes out
+// (which may be x) from validated, contiguous arguments.
+using PgdRunFn = void (*)(const at::Tensor&, const at::Tensor&, const at::Tensor&, PgdScalarArg, PgdScalarArg,
+                          const at::Tensor&, bool, int64_t, double, double);
+
+// The four kernels of one backend (pgd_step / pgd_step_, with [B] tensors or numbers for step_size
+// and eps) around its Run: argument checks, then Run on a new output or on x itself.
+template <c10::DeviceType kDevice, PgdRunFn Run>
+struct PgdStepKernels {
+  static at::Tensor out_of_place(const char* op, const at::Tensor& x, const at::Tensor& grad, const at::Tensor& x0,
+                                 PgdScalarArg step_size, PgdScalarArg eps, c10::string_view norm, int64_t direction,
+                                 double clamp_min, double clamp_max) {
+    const bool l2 =
+        check_pgd_step_args(op, kDevice, x, grad, x0, step_size, eps, norm, direction, clamp_min, clamp_max);
+    at::Tensor out = at::empty_like(x, at::MemoryFormat::Contiguous);
+    Run(x, grad, x0, step_size, eps, out, l2, direction, clamp_min, clamp_max);
+    return out;
+  }
+  static void in_place(const char* op, const at::Tensor& x, const at::Tensor& grad, const at::Tensor& x0,
+                       PgdScalarArg step_size, PgdScalarArg eps, c10::string_view norm, int64_t direction,
+                       double clamp_min, double clamp_max) {
+    const bool l2 =
+        check_pgd_step_args(op, kDevice, x, grad, x0, step_size, eps, norm, direction, clamp_min, clamp_max);
+    Run(x, grad, x0, step_size, eps, x, l2, direction, clamp_min, clamp_max);
+  }
+  static at::Tensor tensors(const at::Tensor& x, const at::Tensor& grad, const at::Tensor& x0,
+                            const at::Tensor& step_size, const at::Tensor& eps, c10::string_view norm,
+                            int64_t direction, double clamp_min, double clamp_max) {
+    return out_of_place("maep_fast::pgd_step", x, grad, x0, {&step_size, 0.0}, {&eps, 0.0}, norm, direction,
+                        clamp_min, clamp_max);
+  }
+  static at::Tensor numbers(const at::Tensor& x, const at::Tensor& grad, const at::Tensor& x0, double step_size,
+                            double eps, c10::string_view norm, int64_t direction, double clamp_min,
+                            double clamp_max) {
+    return out_of_place("maep_fast::pgd_step.scalar", x, grad, x0, {nullptr, step_size}, {nullptr, eps}, norm,
+                        direction, clamp_min, clamp_max);
+  }
+  static void tensors_(const at::Tensor& x, const at::Tensor& grad, const at::Tensor& x0, const at::Tensor& step_size,
+                       const at::Tensor& eps, c10::string_view norm, int64_t direction, double clamp_min,
+                       double clamp_max) {
+    in_place("maep_fast::pgd_step_", x, grad, x0, {&step_size, 0.0}, {&eps, 0.0}, norm, direction, clamp_min,
+             clamp_max);
+  }
+  static void numbers_(const at::Tensor& x, const at::Tensor& grad, const at::Tensor& x0, double step_size,
+                       double eps, c10::string_view norm, int64_t direction, double clamp_min, double clamp_max) {
+    in_place("maep_fast::pgd_step_.scalar", x, grad, x0, {nullptr, step_size}, {nullptr, eps}, norm, direction,
+             clamp_min, clamp_max);
+  }
+  static void register_in(torch::Library& m) {
+    m.impl("pgd_step", &tensors);
+    m.impl("pgd_step_", &tensors_);
+    m.impl("pgd_step.scalar", &numbers);
+    m.impl("pgd_step_.scalar", &numbers_);
+  }
+};
 
 }  // namespace maep_fast

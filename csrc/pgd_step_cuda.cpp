@@ -57,59 +57,8 @@ void launch(const at::Tensor& x, const at::Tensor& grad, const at::Tensor& x0, P
   C10_CUDA_CHECK(err);
 }
 
-at::Tensor pgd_step_run(const char* op, const at::Tensor& x, const at::Tensor& grad, const at::Tensor& x0,
-                        PgdScalarArg step_size, PgdScalarArg eps, c10::string_view norm, int64_t direction,
-                        double clamp_min, double clamp_max) {
-  const bool l2 = check_pgd_step_args(op, c10::DeviceType::CUDA, x, grad, x0, step_size, eps, norm, direction,
-                                      clamp_min, clamp_max);
-  at::Tensor out = at::empty_like(x, at::MemoryFormat::Contiguous);
-  launch(x, grad, x0, step_size, eps, out, l2, direction, clamp_min, clamp_max);
-  return out;
-}
-
-void pgd_step_run_(const char* op, const at::Tensor& x, const at::Tensor& grad, const at::Tensor& x0,
-                   PgdScalarArg step_size, PgdScalarArg eps, c10::string_view norm, int64_t direction,
-                   double clamp_min, double clamp_max) {
-  const bool l2 = check_pgd_step_args(op, c10::DeviceType::CUDA, x, grad, x0, step_size, eps, norm, direction,
-                                      clamp_min, clamp_max);
-  launch(x, grad, x0, step_size, eps, x, l2, direction, clamp_min, clamp_max);
-}
-
-at::Tensor pgd_step_cuda(const at::Tensor& x, const at::Tensor& grad, const at::Tensor& x0,
-                         const at::Tensor& step_size, const at::Tensor& eps, c10::string_view norm,
-                         int64_t direction, double clamp_min, double clamp_max) {
-  return pgd_step_run("maep_fast::pgd_step", x, grad, x0, {&step_size, 0.0}, {&eps, 0.0}, norm, direction,
-                      clamp_min, clamp_max);
-}
-
-at::Tensor pgd_step_scalar_cuda(const at::Tensor& x, const at::Tensor& grad, const at::Tensor& x0, double step_size,
-                                double eps, c10::string_view norm, int64_t direction, double clamp_min,
-                                double clamp_max) {
-  return pgd_step_run("maep_fast::pgd_step.scalar", x, grad, x0, {nullptr, step_size}, {nullptr, eps}, norm,
-                      direction, clamp_min, clamp_max);
-}
-
-void pgd_step_cuda_(const at::Tensor& x, const at::Tensor& grad, const at::Tensor& x0, const at::Tensor& step_size,
-                    const at::Tensor& eps, c10::string_view norm, int64_t direction, double clamp_min,
-                    double clamp_max) {
-  pgd_step_run_("maep_fast::pgd_step_", x, grad, x0, {&step_size, 0.0}, {&eps, 0.0}, norm, direction, clamp_min,
-                clamp_max);
-}
-
-void pgd_step_scalar_cuda_(const at::Tensor& x, const at::Tensor& grad, const at::Tensor& x0, double step_size,
-                           double eps, c10::string_view norm, int64_t direction, double clamp_min,
-                           double clamp_max) {
-  pgd_step_run_("maep_fast::pgd_step_.scalar", x, grad, x0, {nullptr, step_size}, {nullptr, eps}, norm, direction,
-                clamp_min, clamp_max);
-}
-
 }  // namespace
 
-TORCH_LIBRARY_IMPL(maep_fast, CUDA, m) {
-  m.impl("pgd_step", &pgd_step_cuda);
-  m.impl("pgd_step_", &pgd_step_cuda_);
-  m.impl("pgd_step.scalar", &pgd_step_scalar_cuda);
-  m.impl("pgd_step_.scalar", &pgd_step_scalar_cuda_);
-}
+TORCH_LIBRARY_IMPL(maep_fast, CUDA, m) { PgdStepKernels<c10::DeviceType::CUDA, &launch>::register_in(m); }
 
 }  // namespace maep_fast

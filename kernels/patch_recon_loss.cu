@@ -51,23 +51,49 @@ __device__ __forceinline__ int64_t img_offset(const Geo& g, int64_t l, int64_t j
   return (ch * g.h + gy * g.ps + row) * g.w + gx * g.ps + col;
 }
 
-// mean and std of patch (n, l) (std = 1 without norm_pix, mean = 0).
-template <typename T, typename C>
-__device__ __forceinline__ void patch_stats(const T* img, const Geo& g, int64_t l, bool norm_pix, int lane, C& mean,
-                                            C& sd) {
+// Mean and std sqrt(var_unbiased + 1e-6) of a patch's dim values, element j read by load(j), over
+// one warp (std = 1, mean = 0 without norm_pix). dim == 1: NaN, like torch.var.
+template <typename C, typename Idx, typename Load>
+__device__ __forceinline__ void warp_patch_stats(Idx dim, bool norm_pix, int lane, const Load& load, C& mean, C& sd) {
   mean = C(0);
   sd = C(1);
   if (!norm_pix) return;
   C s = C(0);
-  for (int64_t j = lane; j < g.dim; j += 32) s += Cvt<T>::ld(img[img_offset(g, l, j)]);
-  mean = warp_sum(s) / static_cast<C>(g.dim);
+  for (Idx j = lane; j < dim; j += 32) s += load(j);
+  mean = warp_sum(s) / static_cast<C>(dim);
   C ss = C(0);
-  for (int64_t j = lane; j < g.dim; j += 32) {
-    const C d = Cvt<T>::ld(img[img_offset(g, l, j)]) - mean;
+  for (Idx j = lane; j < dim; j += 32) {
+    const C d = load(j) - mean;
     ss += d * d;
   }
-  const C var = warp_sum(ss) / static_cast<C>(g.dim - 1);  // dim == 1: NaN, like torch.var
-  sd = sqrt(var + static_cast<C>(1e-6));
+  sd = sqrt(warp_sum(ss) / static_cast<C>(dim - 1) + static_cast<C>(1e-6));
+}
+
+// d loss / d pred of one element, d = pred - target: k * d (p = 2, k = 2 w / dim) or k * sign(d)
+// (p = 1, k = w / dim). d target = -(that).
+template <typename C>
+__device__ __forceinline__ C prl_dpred(C d, C k, int p) {
+  return p == 2 ? k * d : k * (d > C(0) ? C(1) : (d < C(0) ? C(-1) : C(0)));
+}
+
+// The per-patch terms of the norm_pix backward, from sums over the warp of sg = sum(d target) and
+// sgx = sum(d target * x_hat): d imgs = (d target - mg) / sd - x_hat * kx. Zero without norm_pix.
+template <typename C, typename Idx>
+__device__ __forceinline__ void norm_pix_terms(C sg, C sgx, Idx dim, C sd, bool norm_pix, C& mg, C& kx) {
+  mg = C(0);
+  kx = C(0);
+  if (norm_pix) {
+    mg = warp_sum(sg) / static_cast<C>(dim);
+    kx = warp_sum(sgx) / (static_cast<C>(dim - 1) * sd);
+  }
+}
+
+// mean and std of patch (n, l), read from global memory.
+template <typename T, typename C>
+__device__ __forceinline__ void patch_stats(const T* img, const Geo& g, int64_t l, bool norm_pix, int lane, C& mean,
+                                            C& sd) {
+  warp_patch_stats<C>(g.dim, norm_pix, lane, [&](int64_t j) { return static_cast<C>(Cvt<T>::ld(img[img_offset(g, l, j)])); },
+                      mean, sd);
 }
 
 template <typename T, typename C>
@@ -125,21 +151,18 @@ __global__ void __launch_bounds__(kThreads) prl_bwd_kernel(const T* __restrict__
     for (int64_t j = lane; j < g.dim; j += 32) {
       const C t = (Cvt<T>::ld(img[img_offset(g, l, j)]) - mean) / sd;
       const C d = Cvt<T>::ld(pr[j]) - t;
-      const C gv = p == 2 ? k * d : k * (d > C(0) ? C(1) : (d < C(0) ? C(-1) : C(0)));
+      const C gv = prl_dpred(d, k, p);
       dp[j] = Cvt<T>::st(gv);
       sg -= gv;  // d target = -gv
       sgx -= gv * t;
     }
-    C mg = C(0), kx = C(0);
-    if (norm_pix) {
-      mg = warp_sum(sg) / static_cast<C>(g.dim);
-      kx = warp_sum(sgx) / (static_cast<C>(g.dim - 1) * sd);
-    }
+    C mg, kx;
+    norm_pix_terms(sg, sgx, g.dim, sd, norm_pix, mg, kx);
     for (int64_t j = lane; j < g.dim; j += 32) {
       const int64_t off = img_offset(g, l, j);
       const C t = (Cvt<T>::ld(img[off]) - mean) / sd;
       const C d = Cvt<T>::ld(pr[j]) - t;
-      const C gt = -(p == 2 ? k * d : k * (d > C(0) ? C(1) : (d < C(0) ? C(-1) : C(0))));
+      const C gt = -prl_dpred(d, k, p);
       dimg[off] = Cvt<T>::st(norm_pix ? (gt - mg) / sd - t * kx : gt);
     }
   }
@@ -232,22 +255,11 @@ __device__ __forceinline__ int tile_index(const RowGeo& r, int gx, int j) {
   return (ch * r.ps + pi) * r.w + gx * r.ps + qi;
 }
 
+// mean and std of patch gx of a staged row, read from the shared-memory tile.
 template <typename C>
 __device__ __forceinline__ void tile_stats(const C* it, const RowGeo& r, int gx, bool norm_pix, int lane, C& mean,
                                            C& sd) {
-  mean = C(0);
-  sd = C(1);
-  if (!norm_pix) return;
-  C s = C(0);
-  for (int j = lane; j < r.dim; j += 32) s += it[tile_index(r, gx, j)];
-  mean = warp_sum(s) / static_cast<C>(r.dim);
-  C ss = C(0);
-  for (int j = lane; j < r.dim; j += 32) {
-    const C d = it[tile_index(r, gx, j)] - mean;
-    ss += d * d;
-  }
-  const C var = warp_sum(ss) / static_cast<C>(r.dim - 1);  // dim == 1: NaN, like torch.var
-  sd = sqrt(var + static_cast<C>(1e-6));
+  warp_patch_stats<C>(r.dim, norm_pix, lane, [&](int j) { return it[tile_index(r, gx, j)]; }, mean, sd);
 }
 
 template <typename T, typename C, int V>
@@ -320,16 +332,13 @@ __global__ void __launch_bounds__(kRowThreads) prl_row_bwd_kernel(const T* __res
     for (int j = lane; j < r.dim; j += 32) {
       const C t = (it[tile_index(r, gx, j)] - mean) / sd;
       const C d = pp[j] - t;
-      const C gv = p == 2 ? k * d : k * (d > C(0) ? C(1) : (d < C(0) ? C(-1) : C(0)));
+      const C gv = prl_dpred(d, k, p);
       pp[j] = gv;  // d pred, in place (this lane read pp[j] just above)
       sg -= gv;    // d target = -gv
       sgx -= gv * t;
     }
-    C mg = C(0), kx = C(0);
-    if (norm_pix) {
-      mg = warp_sum(sg) / static_cast<C>(r.dim);
-      kx = warp_sum(sgx) / (static_cast<C>(r.dim - 1) * sd);
-    }
+    C mg, kx;
+    norm_pix_terms(sg, sgx, r.dim, sd, norm_pix, mg, kx);
     for (int j = lane; j < r.dim; j += 32) {
       const int ti = tile_index(r, gx, j);
       const C t = (it[ti] - mean) / sd;

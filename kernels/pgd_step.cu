@@ -81,6 +81,21 @@ __device__ __forceinline__ C block_sum(C v, C* shm) {
   return shm[0];
 }
 
+// ---- the L2 step's formulas, one place each (the one-pass and the grouped kernels share them)
+template <typename C>
+__device__ __forceinline__ C l2_grad_norm(C sumsq) {  // torch: grad.norm().clamp_min(1e-12), NaN kept
+  return nan_max(sqrt_c(sumsq), static_cast<C>(1e-12));
+}
+template <typename C>
+__device__ __forceinline__ C l2_delta(C x, C g, C x0, C ds, C gn) {  // (x + ds * g / ||g||) - x0
+  return (x + (ds * g) / gn) - x0;
+}
+template <typename C>
+__device__ __forceinline__ C l2_factor(C delta_sumsq, C e) {  // where(||delta|| > e, e / ||delta||, 1)
+  const C dn = sqrt_c(delta_sumsq);
+  return dn > e ? e / nan_max(dn, static_cast<C>(1e-12)) : C(1);
+}
+
 // ---- 128-bit accesses ---------------------------------------------------------------------
 // A pack of V elements read or written in one access: V = 16 bytes / sizeof(T) when every
 // pointer is 16-byte aligned and a sample's element count is a multiple of V (then no pack
@@ -171,19 +186,18 @@ __global__ void __launch_bounds__(kThreads) pgd_l2_resident_kernel(const T* x, c
         for (int k = 0; k < V; ++k) xr[it][k] = gr[it][k] = cr[it][k] = C(0);
       }
     }
-    const C gn = nan_max(sqrt_c(block_sum(acc, shm)), static_cast<C>(1e-12));
+    const C gn = l2_grad_norm(block_sum(acc, shm));
     acc = C(0);
 #pragma unroll
     for (int it = 0; it < ITEMS; ++it) {
 #pragma unroll
       for (int k = 0; k < V; ++k) {
-        const C d = (xr[it][k] + (ds * gr[it][k]) / gn) - cr[it][k];  // padding slots: 0 + 0/gn - 0 = 0
+        const C d = l2_delta(xr[it][k], gr[it][k], cr[it][k], ds, gn);  // padding slots: 0 + 0/gn - 0 = 0
         xr[it][k] = d;
         acc += d * d;
       }
     }
-    const C dn = sqrt_c(block_sum(acc, shm));
-    const C f = dn > e ? e / nan_max(dn, static_cast<C>(1e-12)) : C(1);
+    const C f = l2_factor(block_sum(acc, shm), e);
 #pragma unroll
     for (int it = 0; it < ITEMS; ++it) {
       const int64_t i = static_cast<int64_t>(it) * kThreads + threadIdx.x;
@@ -252,7 +266,7 @@ __global__ void __launch_bounds__(kThreads) pgd_l2_dsq_kernel(const T* x, const 
   using P = Pack<T, V>;
   __shared__ C shm[32];
   const int64_t b = b0 + blockIdx.y;
-  const C gn = nan_max(sqrt_c(sum_partials(gpart + b * parts, parts, shm)), static_cast<C>(1e-12));
+  const C gn = l2_grad_norm(sum_partials(gpart + b * parts, parts, shm));
   const C ds = static_cast<C>(direction) * static_cast<C>(step[b]);
   int64_t begin, end;
   chunk_bounds(npack, parts, blockIdx.x, &begin, &end);
@@ -264,7 +278,7 @@ __global__ void __launch_bounds__(kThreads) pgd_l2_dsq_kernel(const T* x, const 
     const P xv = xp[i], gv = gp[i], x0v = x0p[i];
 #pragma unroll
     for (int k = 0; k < V; ++k) {
-      const C d = (Cvt<T>::ld(xv.v[k]) + (ds * Cvt<T>::ld(gv.v[k])) / gn) - Cvt<T>::ld(x0v.v[k]);
+      const C d = l2_delta(Cvt<T>::ld(xv.v[k]), Cvt<T>::ld(gv.v[k]), Cvt<T>::ld(x0v.v[k]), ds, gn);
       acc += d * d;
     }
   }
@@ -284,10 +298,8 @@ __global__ void __launch_bounds__(kThreads) pgd_l2_apply_kernel(const T* x, cons
   using P = Pack<T, V>;
   __shared__ C shm[32];
   const int64_t b = b0 + blockIdx.y;
-  const C gn = nan_max(sqrt_c(sum_partials(gpart + b * parts, parts, shm)), static_cast<C>(1e-12));
-  const C dn = sqrt_c(sum_partials(dpart + b * parts, parts, shm));
-  const C e = static_cast<C>(eps[b]);
-  const C f = dn > e ? e / nan_max(dn, static_cast<C>(1e-12)) : C(1);
+  const C gn = l2_grad_norm(sum_partials(gpart + b * parts, parts, shm));
+  const C f = l2_factor(sum_partials(dpart + b * parts, parts, shm), static_cast<C>(eps[b]));
   const C ds = static_cast<C>(direction) * static_cast<C>(step[b]);
   const C lo = static_cast<C>(cmin);
   const C hi = static_cast<C>(cmax);
@@ -303,7 +315,7 @@ __global__ void __launch_bounds__(kThreads) pgd_l2_apply_kernel(const T* x, cons
 #pragma unroll
     for (int k = 0; k < V; ++k) {
       const C c0 = Cvt<T>::ld(x0v.v[k]);
-      const C d = (Cvt<T>::ld(xv.v[k]) + (ds * Cvt<T>::ld(gv.v[k])) / gn) - c0;
+      const C d = l2_delta(Cvt<T>::ld(xv.v[k]), Cvt<T>::ld(gv.v[k]), c0, ds, gn);
       o.v[k] = Cvt<T>::st(clamp_range(c0 + mul_rn(d, f), lo, hi));
     }
     op[i] = o;

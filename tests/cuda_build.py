@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -69,3 +70,30 @@ def cubin(name: str, arch: int) -> tuple[Path, str]:
     log.write_text(res.stderr)
     os.replace(tmp, path)
     return path, res.stderr
+
+
+def cuobjdump_or_skip() -> str:
+    """The cuobjdump to read cubins with; skips the test without nvcc or cuobjdump."""
+    nvcc = nvcc_path()
+    if not nvcc:
+        pytest.skip("nvcc not found")
+    tool = cuobjdump_path(nvcc)
+    if not tool:
+        pytest.skip("cuobjdump not found (nvcc's bin, PATH, CUOBJDUMP or triton's bundled copy)")
+    return tool
+
+
+def sass_by_function(cubin_path: Path, cuobjdump: str) -> dict[str, str]:
+    """mangled kernel name -> its SASS text (cuobjdump -sass)."""
+    text = subprocess.run([cuobjdump, "-sass", str(cubin_path)], capture_output=True, text=True, check=True,
+                          timeout=300).stdout
+    funcs: dict[str, list[str]] = {}
+    cur = None
+    for line in text.splitlines():
+        m = re.match(r"\s*Function : (\S+)", line)
+        if m:
+            cur = m.group(1)
+            funcs[cur] = []
+        elif cur is not None:
+            funcs[cur].append(line)
+    return {k: "\n".join(v) for k, v in funcs.items()}

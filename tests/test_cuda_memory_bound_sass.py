@@ -10,14 +10,11 @@ Compiles the torch-free kernels for sm_80 and sm_90 and reads the SASS back:
 Skips cleanly without nvcc or cuobjdump.
 """
 import re
-import subprocess
 from pathlib import Path
 
 import pytest
 
 import cuda_build
-from cuda_build import cuobjdump_path as _cuobjdump
-from cuda_build import nvcc_path as _nvcc
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA_KERNELS = ("pgd_linf_kernel", "pgd_l2_resident_kernel", "pgd_l2_dsq_kernel", "pgd_l2_apply_kernel",
@@ -28,20 +25,10 @@ REDUCTION_ONLY = ("gsq", "dsq", "prl_row_fwd")  # their stores are per-sample / 
 @pytest.fixture(scope="module", params=[(80, "pgd_step"), (90, "pgd_step"), (80, "patch_recon_loss"),
                                         (90, "patch_recon_loss")], ids=str)
 def sass(request):
-    nvcc = _nvcc()
-    if not nvcc:
-        pytest.skip("nvcc not found")
-    cuobjdump = _cuobjdump(nvcc)
-    if not cuobjdump:
-        pytest.skip("cuobjdump not found")
+    cuobjdump = cuda_build.cuobjdump_or_skip()
     arch, stem = request.param
     cubin, ptxas_report = cuda_build.cubin(stem, arch)
-    text = subprocess.run([cuobjdump, "-sass", str(cubin)], capture_output=True, text=True, check=True).stdout
-    kernels = {}
-    for block in re.split(r"\n\s*Function : ", text)[1:]:
-        name, body = block.split("\n", 1)
-        kernels[name.strip()] = body
-    return arch, kernels, _ptxas_by_kernel(ptxas_report)
+    return arch, cuda_build.sass_by_function(cubin, cuobjdump), _ptxas_by_kernel(ptxas_report)
 
 
 def _ptxas_by_kernel(report: str) -> dict:

@@ -12,30 +12,19 @@ Compiles the torch-free attention kernels to a cubin for sm_80 and sm_90 (nvcc -
 Skips cleanly without nvcc or cuobjdump. Figures are recorded in bench/NOTES.md.
 """
 
-import os
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 
 import cuda_build
-from cuda_build import cuobjdump_path, nvcc_path
 
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "kernels" / "masked_patch_attention.cu"
 SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}  # opt-in shared memory per block
 HEAD_DIMS = list(range(16, 129, 16))
 TC_KINDS = ("mpa_fwd_tc_kernel", "mpa_dq_tc_kernel", "mpa_dkdv_tc_kernel")
-
-
-def _nvcc():
-    return nvcc_path()
-
-
-def _cuobjdump(nvcc):
-    return cuobjdump_path(nvcc)
 
 
 def dkdv_dynamic_smem(dp: int) -> int:
@@ -59,28 +48,11 @@ _CACHE = {}
 def compile_arch(arch: int):
     if arch in _CACHE:
         return _CACHE[arch]
-    nvcc = _nvcc()
-    if not nvcc:
-        pytest.skip("nvcc not found")
-    cuobjdump = _cuobjdump(nvcc)
-    if not cuobjdump:
-        pytest.skip("cuobjdump not found (nvcc's bin, PATH, CUOBJDUMP or triton's bundled copy)")
+    cuobjdump = cuda_build.cuobjdump_or_skip()
     cubin, ptxas_report = cuda_build.cubin("masked_patch_attention", arch)
-    sass = subprocess.run([cuobjdump, "-sass", str(cubin)], capture_output=True, text=True, timeout=300)
-    assert sass.returncode == 0, sass.stderr
+    funcs = cuda_build.sass_by_function(cubin, cuobjdump)
     usage = subprocess.run([cuobjdump, "-res-usage", str(cubin)], capture_output=True, text=True, timeout=300)
     assert usage.returncode == 0, usage.stderr
-
-    funcs = {}  # name -> SASS text
-    cur = None
-    for line in sass.stdout.splitlines():
-        m = re.match(r"\s*Function : (\S+)", line)
-        if m:
-            cur = m.group(1)
-            funcs[cur] = []
-        elif cur is not None:
-            funcs[cur].append(line)
-    funcs = {k: "\n".join(v) for k, v in funcs.items()}
 
     res_usage = {}  # name -> {REG, STACK, SHARED, LOCAL}
     lines = usage.stdout.splitlines()

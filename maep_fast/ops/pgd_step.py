@@ -262,23 +262,18 @@ def _pgd_step_inplace_validated(
 
 
 def _register_fakes() -> None:
-    """Fake (meta) kernels so torch.compile can trace the native ops."""
+    """Fake (meta) kernels so torch.compile can trace the native ops: the out-of-place overloads
+    (``.default``: [B] tensors, ``.scalar``: numbers) return a tensor like x, the in-place ones nothing."""
 
-    @torch.library.register_fake("maep_fast::pgd_step")
-    def _pgd_step_fake(x, grad, x0, step_size, eps, norm, direction, clamp_min, clamp_max):
+    def out_of_place(x, grad, x0, step_size, eps, norm, direction, clamp_min, clamp_max):
         return torch.empty_like(x)
 
-    @torch.library.register_fake("maep_fast::pgd_step_")
-    def _pgd_step_inplace_fake(x, grad, x0, step_size, eps, norm, direction, clamp_min, clamp_max):
+    def in_place(x, grad, x0, step_size, eps, norm, direction, clamp_min, clamp_max):
         return None
 
-    @torch.library.register_fake("maep_fast::pgd_step.scalar")
-    def _pgd_step_scalar_fake(x, grad, x0, step_size, eps, norm, direction, clamp_min, clamp_max):
-        return torch.empty_like(x)
-
-    @torch.library.register_fake("maep_fast::pgd_step_.scalar")
-    def _pgd_step_scalar_inplace_fake(x, grad, x0, step_size, eps, norm, direction, clamp_min, clamp_max):
-        return None
+    for overload in ("", ".scalar"):
+        torch.library.register_fake("maep_fast::pgd_step" + overload)(out_of_place)
+        torch.library.register_fake("maep_fast::pgd_step_" + overload)(in_place)
 
 
 if native_available():
