@@ -423,7 +423,8 @@ def pgd_ref(x, g, x0, step, eps, norm, direction, dtype):
     cd = torch.float64 if dtype == torch.float64 else torch.float32
 
     def per(v):
-        return v.to(cd) if isinstance(v, torch.Tensor) else torch.full((b,), v, device=DEV, dtype=torch.float32).to(cd)
+        # a Python float reaches the kernels unrounded (fp64 math for fp64 x), a tensor in its own dtype
+        return v.to(cd) if isinstance(v, torch.Tensor) else torch.full((b,), v, device=DEV, dtype=cd)
 
     return pgd_step_reference(x.to(dtype), g.to(dtype), x0.to(dtype), per(step), per(eps), norm, direction, 0.0, 1.0)
 

@@ -107,3 +107,20 @@ def test_cpu_per_sample_values_are_still_checked():
         pgd_mod.pgd_step(x, g, x0, 0.01, torch.tensor([0.1, -0.1]), backend="torch")
     with pytest.raises(ValueError, match="step_size"):
         pgd_mod.pgd_step(x, g, x0, torch.tensor([0.1, float("nan")]), 0.1, backend="torch")
+
+
+def test_auto_order_by_op_overrides_the_device_order_and_the_cache_sees_it(monkeypatch):
+    """One op's own order (AUTO_ORDER_BY_OP, e.g. pgd_step -> cuda first on a GPU) wins over its
+    device's AUTO_ORDER for that op alone, and a change to it is not hidden by the resolution cache."""
+    from maep_fast import native_available
+    from maep_fast.ops import _dispatch
+
+    if not native_available():
+        pytest.skip("needs the native extension (cpp backend)")
+    cpu = torch.device("cpu")
+    assert _dispatch.resolve_backend("pgd_step", "auto", cpu) == "cpp"
+    monkeypatch.setitem(_dispatch.AUTO_ORDER_BY_OP, ("cpu", "pgd_step"), ("torch", "cpp"))
+    assert _dispatch.resolve_backend("pgd_step", "auto", cpu) == "torch"
+    assert _dispatch.resolve_backend("patch_recon_loss", "auto", cpu) == "cpp"
+    monkeypatch.undo()
+    assert _dispatch.resolve_backend("pgd_step", "auto", cpu) == "cpp"

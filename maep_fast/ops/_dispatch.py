@@ -8,7 +8,8 @@
 - ``cpp``: C++ CPU kernels of ``maep_fast._C`` (``torch.ops.maep_fast.*``).
 - ``cuda``: CUDA kernels of ``maep_fast._C``.
 
-``auto`` picks, per device, the first available entry of ``AUTO_ORDER``;
+``auto`` picks, per device, the first available entry of ``AUTO_ORDER`` (or of
+``AUTO_ORDER_BY_OP`` where one op's order differs);
 ``MAEP_FAST_BACKEND`` overrides ``auto`` everywhere (``MAEP_FAST_BACKEND=torch``
 is the global reference-path switch). An explicitly requested backend that is
 not available raises; it never falls back silently.
@@ -32,9 +33,17 @@ IMPLEMENTED: dict[str, set[str]] = {}
 #   (L-inf) / 6.7x (L2), patch_recon_loss fwd+bwd 4.3x, attention fwd+bwd 5.5x / 3.2x / 1.6x / 1.3x at
 #   keep 25 / 50 / 75 / 100 % (SDPA 1.0-1.5x). torch.compile(reference) ties cpp only on pgd_step L2,
 #   and auto cannot assume the user compiles.
-# cuda: a default, not a measurement: no GPU run exists yet (bench/NOTES.md). Triton first because
-#   its kernels are autotuned per shape; re-order from bench/results/ops_cuda.json once it exists.
+# cuda: measured on one H200 (bench/results/ops_cuda.json and overhead_cuda.json, 2026-11-29,
+#   `bash bench/gpu_check.sh`): Triton's kernels are the faster ones for patch_recon_loss (fwd+bwd
+#   0.21 vs 0.37 ms at N64 3x224x224 p16, 0.24 vs 0.55 ms at N4096 3x32x32 p4, bf16) and for the
+#   attention (fwd+bwd 0.97 vs 2.11 ms at B256 H6 L257 D64, 0.36 vs 0.68 ms at keep 25 %), so Triton
+#   comes first. pgd_step is the exception (AUTO_ORDER_BY_OP): the CUDA kernel ties Triton on the
+#   L-inf step (0.025 vs 0.024 ms at B64 3x224x224 bf16, 73-89 % of the measured copy bandwidth for
+#   both) and costs 12-17 us of host time per call against Triton's 70-90 us, while the L2 step's
+#   kernel is at most 0.02 ms slower; one step per PGD / MAE-Pure iteration makes the host cost count.
 AUTO_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpp", "torch")}
+# (device type, op) -> order, where one op's measurements disagree with its device's AUTO_ORDER.
+AUTO_ORDER_BY_OP: dict[tuple[str, str], tuple[str, ...]] = {("cuda", "pgd_step"): ("cuda", "triton", "torch")}
 
 
 def register_backends(op: str, *backends: str) -> None:
@@ -115,7 +124,7 @@ def requested_backend(backend: str) -> str:
     return backend
 
 
-# (op, backend, device type, AUTO_ORDER entry, MAEP_FAST_BACKEND, TRITON_INTERPRET) -> backend. Resolution
+# (op, backend, device type, AUTO_ORDER entries, MAEP_FAST_BACKEND, TRITON_INTERPRET) -> backend. Resolution
 # reads the registry and the native library, which do not change while a process runs; the two
 # environment variables that steer it are part of the key, so tests that set them still see the change.
 
@@ -138,7 +147,8 @@ def resolve_backend(op: str, backend: str, device: torch.device) -> str:
     An explicitly requested backend that is not available raises every time (never cached).
     """
     dev = device.type
-    key = (op, backend, dev, AUTO_ORDER.get(dev), _getenv(_ENV_BACKEND), _getenv(_ENV_INTERPRET))
+    key = (op, backend, dev, AUTO_ORDER.get(dev), AUTO_ORDER_BY_OP.get((dev, op)), _getenv(_ENV_BACKEND),
+           _getenv(_ENV_INTERPRET))
     hit = _RESOLVED.get(key)
     if hit is None:
         hit = _resolve_uncached(op, backend, device)
@@ -149,7 +159,8 @@ def resolve_backend(op: str, backend: str, device: torch.device) -> str:
 def _resolve_uncached(op: str, backend: str, device: torch.device) -> str:
     backend = requested_backend(backend)
     if backend == "auto":
-        for cand in AUTO_ORDER.get(device.type, ("torch",)):
+        order = AUTO_ORDER_BY_OP.get((device.type, op)) or AUTO_ORDER.get(device.type, ("torch",))
+        for cand in order:
             if not unavailable_reason(op, cand, device):
                 return cand
         return "torch"

@@ -264,7 +264,11 @@ def pgd_step_triton(
     eps_p, eps_v, eps_from_ptr = _scalar_or_tensor(eps, b, cdtype, x.device)
     has_clamp = not (clamp_min == -math.inf and clamp_max == math.inf)
     bounds_from_ptr = has_clamp and is64
-    bounds = torch.tensor([clamp_min, clamp_max], dtype=cdtype, device=x.device) if bounds_from_ptr else x
+    if bounds_from_ptr:  # device fills, not torch.tensor([...]): no host-to-device copy (CUDA-graph capture)
+        bounds = torch.full((2,), float(clamp_min), dtype=cdtype, device=x.device)
+        bounds[1:].fill_(float(clamp_max))
+    else:
+        bounds = x
     step_p = x if step_p is None else step_p  # unused pointer argument (FROM_PTR is False)
     eps_p = x if eps_p is None else eps_p
     lo = float(clamp_min) if has_clamp else 0.0
