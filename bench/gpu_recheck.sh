@@ -68,20 +68,20 @@ print('survived')
   grep -E '_C\.(cpython|abi3)|libtorch|libc10' /tmp/crash.txt | sed -E 's/^#[0-9]+ +([^ ]+) \+(0x[0-9a-f]+).*/\1 \2/' |
     while read -r lib off; do echo "$lib $off: $(addr2line -f -C -i -e "$lib" "$off" 2>/dev/null | tr '\n' ' ')"; done
 }
-step crash 60 bash -c "$(declare -f crash); PY='$PY' crash"
+step crash 40 bash -c "$(declare -f crash); PY='$PY' crash"
 
 CUDA_FILES=(tests/test_gpu_backends.py tests/test_mae_pure_cuda_graph.py tests/test_fused_vs_reference.py)
 EXTRA=()
 for f in $(grep -lE "pytest\.mark\.gpu" tests/test_*.py); do
   case " ${CUDA_FILES[*]} " in *" $f "*) ;; *) [[ "$f" == *_triton.py ]] || EXTRA+=("$f") ;; esac
 done
-step cuda_tests 150 "${PYTEST[@]}" -n 6 "${CUDA_FILES[@]}" &
+step cuda_tests 120 "${PYTEST[@]}" -n 6 "${CUDA_FILES[@]}" &
 PID_CUDA=$!
-step cuda_tests_extra 150 "${PYTEST[@]}" -n 3 -m gpu "${EXTRA[@]}" &
+step cuda_tests_extra 120 "${PYTEST[@]}" -n 3 -m gpu "${EXTRA[@]}" &
 PID_EXTRA=$!
 wait "$PID_CUDA" "$PID_EXTRA" "$PID_TRITON"
 
-step bench_overhead 60 "$PY" bench/bench_overhead.py --device cuda --calls 300 --rounds 5
+step bench_overhead 45 "$PY" bench/bench_overhead.py --device cuda --calls 300 --rounds 5
 cp -f bench/results/overhead_cuda.* "$OUT/" 2>/dev/null
 
 grep -hE "(FAILED|ERROR)( |$)|Fatal Python error|Segmentation" "$OUT"/*tests*.log | sort -u > "$OUT/failures.txt"
