@@ -11,8 +11,8 @@
 #   build          MAEP_FAST_CUDA=1 MAEP_FAST_CUDA_ARCHS=<this GPU> pip install -e . (background)
 #   triton_tests   tests/test_*_triton.py, while the build runs (they do not need the extension)
 #   cuda_tests     tests/test_gpu_backends.py tests/test_mae_pure_cuda_graph.py
-#                  tests/test_fused_vs_reference.py (whole files), then `-m gpu` of any other test
-#                  file that marks GPU tests; starts when the build ends
+#                  tests/test_fused_vs_reference.py (whole files); starts when the build ends
+#   gpu_marked_tests  `-m gpu` of every other test file that marks GPU tests, beside cuda_tests
 #   memcheck       compute-sanitizer --tool memcheck python3 bench/memcheck_ops.py (the CUDA kernels)
 #   bench_overhead python3 bench/bench_overhead.py --device cuda
 #   bench_ops      python3 bench/bench_ops.py (every GPU shape, bf16 + fp32, attention bf16, compile)
@@ -27,17 +27,21 @@
 #   step             cap  reserve  must end by (s after start, TOTAL = 480)
 #   env               20      -    -
 #   wheels            40      -    -
-#   build            150      -    240  background, beside triton_tests
-#   triton_tests     200      -    240
-#   cuda_tests       150      -    240  starts when the build ends
-#   memcheck          50     25    270
-#   bench_overhead    30     20    295
+#   build            150      -    225  background, beside triton_tests
+#   triton_tests     210      -    225
+#   cuda_tests       150      -    225  starts when the build ends
+#   gpu_marked_tests 150      -    225  beside cuda_tests
+#   memcheck          50     25    255
+#   bench_overhead    45     35    295
 #   bench_ops        210     60    360  (its own --time-limit-s: cap - 20)
 #   bench_purify     180    100    465  (its own --time-limit-s: cap - 30)
 #   summary, tarball   -     10    480  (+ a replot of a cut purify run, if time is left)
 #
-# 240 = 465 - (25 + 20 + 60 + 100) - 4 x 5 grace; 465 = 480 - 10 - 5. Measured on the H200 on
-# 2026-11-29: build 47 s, triton tests 123 s (-n 6, beside the build), CUDA tests 77 s.
+# 225 = 465 - (25 + 35 + 60 + 100) - 4 x 5 grace; 465 = 480 - 10 - 5. Measured on one H200
+# (2026-11-29, bench/gpu_runs/2026-11-29-s4): build 80-99 s beside the Triton tests, Triton tests
+# 168 s (-n 6), CUDA files 65-83 s (-n 6), GPU-marked tests of the other files 62 s (-n 3), memcheck
+# 16 s, bench_overhead 26 s (300 calls x 5 rounds). Run one as a single sequence of steps (tests
+# then GPU-marked tests) ended past its cap at TOTAL = 450.
 #
 # Override a cap with MAEP_FAST_GPU_CHECK_CAP_<step>=N. Every log goes to OUT_DIR/logs, every results
 # file to OUT_DIR/results (and, on a GPU, to bench/results/*_cuda.*), the per-step table to
@@ -87,7 +91,7 @@ if [[ "$DRY" == "1" ]]; then  # scaled to the (short) dry-run total
   R_MEMCHECK=$(( TOTAL * 7 / 100 )); R_OVERHEAD=$(( TOTAL * 5 / 100 )); R_OPS=$(( TOTAL * 15 / 100 ))
   R_PURIFY=$(( TOTAL * 18 / 100 )); GRACE=2; FINAL_RESERVE=5
 else
-  R_MEMCHECK=25; R_OVERHEAD=20; R_OPS=60; R_PURIFY=100; GRACE=5; FINAL_RESERVE=10
+  R_MEMCHECK=25; R_OVERHEAD=35; R_OPS=60; R_PURIFY=100; GRACE=5; FINAL_RESERVE=10
 fi
 DEADLINE=$(( TOTAL - FINAL_RESERVE - GRACE ))   # every step (its kill grace included) ends by then
 TESTS_END_BY=$(( DEADLINE - R_MEMCHECK - R_OVERHEAD - R_OPS - R_PURIFY - 4 * GRACE ))
@@ -281,30 +285,33 @@ d = torch.device('cuda'); print({op: (u(op, 'cuda', d) or 'ok') for op in ('pgd_
 fi
 note "CUDA arch for the build: $ARCH"
 
-cuda_tests() {  # the named files whole, then -m gpu of the other files that mark GPU tests
-  local rc=0 rc2=0
-  "$@" "${CUDA_FILES[@]}" --junitxml="$OUT/logs/cuda_tests.xml" || rc=$?
-  if (( ${#EXTRA_FILES[@]} > 0 )); then
-    "$@" -m gpu "${EXTRA_FILES[@]}" --junitxml="$OUT/logs/cuda_tests_extra.xml" || rc2=$?
-    # 5: nothing selected in the extra files is not a failure
-    (( rc2 == 5 )) && rc2=0
-  fi
-  (( rc != 0 )) && return $rc
-  return $rc2
+marked_tests() {  # -m gpu of the other files that mark GPU tests; 5 (nothing selected) is no failure
+  local rc=0
+  (( ${#EXTRA_FILES[@]} == 0 )) && { echo "no other file marks GPU tests"; return 0; }
+  "$@" -m gpu "${EXTRA_FILES[@]}" --junitxml="$OUT/logs/gpu_marked_tests.xml" || rc=$?
+  (( rc == 5 )) && rc=0
+  return $rc
 }
 
 run_step build "$(cap_of build 150)" "$TESTS_END_BY" -- "${BUILD_CMD[@]}" &
 PID_BUILD=$!
-run_step triton_tests "$(cap_of triton_tests 200)" "$TESTS_END_BY" -- \
-  "${PYTEST[@]}" "${TEST_SEL[@]}" "${TRITON_FILES[@]}" --junitxml="$OUT/logs/triton_tests.xml" &
+run_step triton_tests "$(cap_of triton_tests 210)" "$TESTS_END_BY" -- \
+  "${PYTEST[@]}" -v "${TEST_SEL[@]}" "${TRITON_FILES[@]}" --junitxml="$OUT/logs/triton_tests.xml" &
 PID_TRITON=$!
 wait "$PID_BUILD"; RC_BUILD=$?
+# -v: each verdict is in the log as it happens, so a step cut by its cap still names its failures
 run_step cuda_tests "$(cap_of cuda_tests 150)" "$TESTS_END_BY" -- \
-  bash -c "$(declare -f cuda_tests); CUDA_FILES=(${CUDA_FILES[*]}); EXTRA_FILES=(${EXTRA_FILES[*]:-}); OUT='$OUT'; cuda_tests \"\$@\"" \
-  _ "${PYTEST[@]}" "${TEST_SEL[@]}" &
+  "${PYTEST[@]}" -v "${TEST_SEL[@]}" "${CUDA_FILES[@]}" --junitxml="$OUT/logs/cuda_tests.xml" &
 PID_CUDA=$!
+MARKED_PYTEST=("${PYTEST[@]}")
+[[ ${#XDIST[@]} -gt 0 ]] && MARKED_PYTEST=("$PY" -m pytest -q -p no:cacheprovider -o addopts=-ra -n 3 "${PTO[@]}")
+run_step gpu_marked_tests "$(cap_of gpu_marked_tests 150)" "$TESTS_END_BY" -- \
+  bash -c "$(declare -f marked_tests); EXTRA_FILES=(${EXTRA_FILES[*]:-}); OUT='$OUT'; marked_tests \"\$@\"" \
+  _ "${MARKED_PYTEST[@]}" -v &
+PID_MARKED=$!
 wait "$PID_TRITON"; RC_TRITON=$?
 wait "$PID_CUDA"; RC_CUDA=$?
+wait "$PID_MARKED"; RC_MARKED=$?
 (( RC_BUILD != 0 )) && note "build failed (rc $RC_BUILD): the cuda backend is missing, so the CUDA tests and rows fail or skip"
 
 # ------------------------------------------------------------------ memcheck
@@ -327,8 +334,8 @@ if [[ "$DRY" == "1" ]]; then
   run_step bench_overhead "$(cap_of bench_overhead 30)" "$END_OVERHEAD" -- \
     "$PY" bench/bench_overhead.py --device cpu --calls 20 --rounds 2
 else
-  run_step bench_overhead "$(cap_of bench_overhead 30)" "$END_OVERHEAD" -- \
-    "$PY" bench/bench_overhead.py --device cuda --calls 1000 --rounds 7
+  run_step bench_overhead "$(cap_of bench_overhead 45)" "$END_OVERHEAD" -- \
+    "$PY" bench/bench_overhead.py --device cuda --calls 300 --rounds 5
 fi
 copy_results
 
@@ -375,7 +382,7 @@ copy_results
 
 # ------------------------------------------------------------------ summary + tarball
 TESTS_OK=1
-(( RC_TRITON != 0 || RC_CUDA != 0 )) && TESTS_OK=0
+(( RC_TRITON != 0 || RC_CUDA != 0 || RC_MARKED != 0 )) && TESTS_OK=0
 {
   echo "maep_fast gpu_check: $([[ "$DRY" == "1" ]] && echo 'CPU DRY RUN (no GPU was used)' || echo 'GPU run')"
   grep -E "^(date_utc|git_sha|git_dirty_files|nvidia_smi|python|torch|device|triton|diffusers|torchattacks):" "$OUT/env.txt" 2>/dev/null
@@ -386,7 +393,7 @@ TESTS_OK=1
   printf '%-16s %-8s %-4s %7s %5s\n' step status rc seconds cap
   while IFS=$'\t' read -r n s r t c; do printf '%-16s %-8s %-4s %7s %5s\n' "$n" "$s" "$r" "$t" "$c"; done < "$SUMMARY_TSV"
   echo
-  for f in triton_tests cuda_tests; do
+  for f in triton_tests cuda_tests gpu_marked_tests; do
     [[ -f "$OUT/logs/$f.log" ]] && echo "$f: $(grep -E '^(=+ )?[0-9]+ (passed|failed|skipped|deselected|errors?)|no tests ran|^skipped' "$OUT/logs/$f.log" | tr '\n' ';')"
   done
   [[ -f "$OUT/logs/memcheck.log" ]] && echo "memcheck: $(grep -E 'ERROR SUMMARY|cases, worst' "$OUT/logs/memcheck.log" | tail -2 | tr '\n' ' ')"

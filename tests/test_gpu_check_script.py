@@ -55,19 +55,19 @@ def test_dry_run_steps_caps_summary_tarball(tmp_path):
         ["bash", str(SCRIPT), "--dry-run", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=total + 60,
         env=_env(MAEP_FAST_GPU_CHECK_TOTAL_S=total,
                  # keep it short on two cores: the other steps' plumbing is the same
-                 MAEP_FAST_GPU_CHECK_SKIP="cuda_tests,bench_purify",
+                 MAEP_FAST_GPU_CHECK_SKIP="cuda_tests,gpu_marked_tests,bench_purify",
                  MAEP_FAST_GPU_CHECK_HANG="bench_overhead", MAEP_FAST_GPU_CHECK_CAP_bench_overhead=4,
                  MAEP_FAST_GPU_CHECK_DRYRUN_OPS="pgd_step"))
     wall = time.time() - t0
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert wall < total + 15, wall  # the deadline holds (+ interpreter start and the tarball)
     steps = _steps(out)
-    for name in ("env", "build", "triton_tests", "cuda_tests", "memcheck", "bench_overhead", "bench_ops", "bench_purify"):
+    for name in ("env", "build", "triton_tests", "cuda_tests", "gpu_marked_tests", "memcheck", "bench_overhead", "bench_ops", "bench_purify"):
         assert name in steps, (name, steps)
     assert steps["bench_overhead"]["status"] == "timeout" and steps["bench_overhead"]["seconds"] <= 4 + 3
     for name in ("env", "build", "triton_tests", "memcheck", "bench_ops"):
         assert steps[name]["status"] == "ok", (name, steps[name], (out / "logs" / f"{name}.log").read_text()[-2000:])
-    assert steps["cuda_tests"]["status"] == steps["bench_purify"]["status"] == "skipped"
+    assert steps["cuda_tests"]["status"] == steps["gpu_marked_tests"]["status"] == steps["bench_purify"]["status"] == "skipped"
     summary = (out / "summary.txt").read_text()
     assert "CPU DRY RUN" in summary and "gpu_tests: PASSED" in summary and "git_sha:" in summary
     assert "torch:" in summary and "triton:" in summary
@@ -87,7 +87,7 @@ def test_dry_run_exit_code_follows_gpu_tests(tmp_path):
     proc = subprocess.run(
         ["bash", str(SCRIPT), str(out)], cwd=ROOT, capture_output=True, text=True, timeout=120,
         env=_env(MAEP_FAST_GPU_CHECK_DRYRUN=1, MAEP_FAST_GPU_CHECK_TOTAL_S=60,
-                 MAEP_FAST_GPU_CHECK_SKIP="env,build,cuda_tests,memcheck,bench_overhead,bench_ops,bench_purify",
+                 MAEP_FAST_GPU_CHECK_SKIP="env,build,cuda_tests,gpu_marked_tests,memcheck,bench_overhead,bench_ops,bench_purify",
                  MAEP_FAST_GPU_CHECK_HANG="triton_tests", MAEP_FAST_GPU_CHECK_CAP_triton_tests=3))
     assert proc.returncode == 1, proc.stdout[-3000:]
     assert _steps(out)["triton_tests"]["status"] == "timeout"

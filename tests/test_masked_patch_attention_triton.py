@@ -355,10 +355,13 @@ def test_work_follows_visible_count_not_length(pattern):
     assert total == h * sum(per_sample)
     if keep is not None:
         assert total < h * b * -(-length // bm) * -(-length // bn) // 2
-    # and the counters change nothing: same results as the plain launches
-    assert torch.equal(out, out2) and torch.equal(lse, lse2)
+    # and the counters change nothing but the summation order: the counting launch is another
+    # compiled variant (autotuned on its own on a GPU, where the H200 run gave it other tiles and so
+    # other fp32 roundings than the plain launch), so equal up to fp32 rounding, not bitwise
+    torch.testing.assert_close(out, out2, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(lse, lse2, rtol=1e-5, atol=1e-6)
     for g, g2 in zip(grads, grads2):
-        assert torch.equal(g, g2)
+        torch.testing.assert_close(g, g2, rtol=1e-5, atol=1e-5)
     out64, grads64 = ref_fwd_bwd(q, k, v, keep, dout, torch.float64)
     torch.testing.assert_close(out.double(), out64, rtol=1e-5, atol=1e-6)
     for g, g64 in zip(grads, grads64):

@@ -149,8 +149,9 @@ def pgd_step_reference(
     view = (b,) + (1,) * (x.dim() - 1)
     xf, gf, x0f = x.to(cdtype), grad.to(cdtype), x0.to(cdtype)
     step = step_size.to(cdtype).view(view) if isinstance(step_size, torch.Tensor) else float(step_size)
-    e = eps.to(cdtype).view(view) if isinstance(eps, torch.Tensor) else torch.tensor(float(eps), dtype=cdtype,
-                                                                                        device=x.device)
+    # a number becomes a 0-d tensor by a device fill (torch.tensor(v, device=...) is a blocking host copy)
+    e = eps.to(cdtype).view(view) if isinstance(eps, torch.Tensor) else torch.full((), float(eps), dtype=cdtype,
+                                                                                      device=x.device)
     if norm == "linf":
         xn = xf + direction * step * torch.sign(gf)
         xn = torch.minimum(torch.maximum(xn, x0f - e), x0f + e)
