@@ -258,8 +258,9 @@ def test_mpa_cuda_rejects_what_it_cannot_run():
 
 def test_mpa_cuda_native_op_refuses_wide_heads():
     """The native op called directly (below the Python refusal) refuses in its C++ host checks.
-    This is the call that crashed the first GPU run's worker (a segfault, root cause not found
-    without a GPU: see the issue #11 notes); if it crashes again, run it alone under gdb."""
+    This call crashed the H200 runs' worker: formatting the message's integers went through a copy
+    of libstdc++ that the toolchain had linked into _C (bench/gpu_runs/2026-11-29-s4/README.md;
+    CMakeLists.txt now keeps such copies local, tests/test_native_error_messages.py)."""
     need(MPA, "cuda")
     q = torch.randn(1, 1, 4, 160, device=DEV)
     with pytest.raises(RuntimeError, match="head dim"):
