@@ -1,6 +1,7 @@
 // CPU kernels of maep_fast::masked_patch_attention_fwd / _bwd and of the public
-// maep_fast::masked_patch_attention, whose autograd (a C++ autograd Function at
-// the Autograd key, backend-independent) saves lse and calls _bwd.
+// maep_fast::masked_patch_attention, whose autograd (a hand-written autograd Node
+// recorded at the Autograd key, backend-independent; autograd_node.h) saves lse and
+// calls _bwd.
 //
 // Semantics equal maep_fast.ops.masked_patch_attention.masked_patch_attention_reference:
 // softmax(scale * q k^T) v over the visible keys of the sample (keep[b, j]);
@@ -21,6 +22,7 @@
 // at::parallel_for; dK/dV of a (b, h) are owned by one task (no atomics).
 // exp: a branch-free, vectorizable Cody-Waite + degree-6 polynomial (~1-2 ulp
 // in fp32); std::exp in fp64.
+#include "autograd_node.h"
 #include "masked_patch_attention.h"
 #include "native_cpu_utils.h"
 
@@ -30,7 +32,6 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros_like.h>
-#include <torch/autograd.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -39,6 +40,8 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <mutex>
+#include <string>
 #include <tuple>
 #include <type_traits>
 #include <vector>
@@ -442,44 +445,127 @@ const c10::TypedOperatorHandle<BwdFn>& bwd_op() {
   return op;
 }
 
-// Autograd of maep_fast::masked_patch_attention: forward runs
-// masked_patch_attention_fwd below autograd (any backend: CPU, CUDA, Meta /
-// fake for torch.compile) and saves (q, k, v, keep, out, lse); backward runs
-// masked_patch_attention_bwd. keep gets no gradient.
-class MaskedPatchAttentionFunction : public torch::autograd::Function<MaskedPatchAttentionFunction> {
- public:
-  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k,
-                            const at::Tensor& v, const c10::optional<at::Tensor>& keep, double scale) {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    auto [out, lse] = fwd_op().call(q, k, v, keep, scale);
-    const bool has_keep = keep.has_value() && keep->defined();
-    ctx->save_for_backward({q, k, v, has_keep ? *keep : at::Tensor(), out, lse});
-    ctx->saved_data["scale"] = scale;
-    ctx->saved_data["has_keep"] = has_keep;
-    return out;
+// (dq, dk, dv), each only where needed; shared by the node and its compiled-autograd form.
+// An undefined grad counts as zeros (the kernel still runs: dq, dk, dv of 0 are 0).
+torch::autograd::variable_list mpa_backward(const at::Tensor& grad, bool need_q, bool need_k, bool need_v,
+                                            const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                            const c10::optional<at::Tensor>& keep, const at::Tensor& out,
+                                            const at::Tensor& lse, double scale) {
+  if (!(need_q || need_k || need_v)) return {at::Tensor(), at::Tensor(), at::Tensor()};
+  const at::Tensor go = grad.defined() ? grad.contiguous() : at::zeros_like(out);
+  auto [dq, dk, dv] = bwd_op().call(go, q, k, v, out, lse, keep, scale);
+  return {need_q ? dq : at::Tensor(), need_k ? dk : at::Tensor(), need_v ? dv : at::Tensor()};
+}
+
+torch::autograd::variable_list mpa_backward_packed(const torch::autograd::variable_list& grads,
+                                                   const std::vector<c10::IValue>& args) {
+  torch::autograd::PackedArgs r(args);
+  const auto need_q = r.unpack<bool>();
+  const auto need_k = r.unpack<bool>();
+  const auto need_v = r.unpack<bool>();
+  const auto q = r.unpack<at::Tensor>();
+  const auto k = r.unpack<at::Tensor>();
+  const auto v = r.unpack<at::Tensor>();
+  const auto keep = r.unpack<std::optional<at::Tensor>>();
+  const auto out = r.unpack<at::Tensor>();
+  const auto lse = r.unpack<at::Tensor>();
+  const auto scale = r.unpack<double>();
+  return mpa_backward(grads[0], need_q, need_k, need_v, q, k, v, keep, out, lse, scale);
+}
+
+// Autograd node of maep_fast::masked_patch_attention: saves (q, k, v, keep, out, lse) of
+// masked_patch_attention_fwd; backward runs masked_patch_attention_bwd. keep gets no gradient.
+struct MaskedPatchAttentionBackward : torch::autograd::Node {
+  torch::autograd::SavedVariable q_, k_, v_, keep_, out_, lse_;
+  bool has_keep = false;
+  double scale = 0.0;
+
+  std::string name() const override { return "MaskedPatchAttentionBackward"; }
+
+  c10::optional<at::Tensor> keep() const {
+    return has_keep ? c10::optional<at::Tensor>(keep_.unpack()) : c10::nullopt;
   }
 
-  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
-                                                 torch::autograd::variable_list grads) {
-    const auto saved = ctx->get_saved_variables();
-    const double scale = ctx->saved_data["scale"].toDouble();
-    const c10::optional<at::Tensor> keep =
-        ctx->saved_data["has_keep"].toBool() ? c10::optional<at::Tensor>(saved[3]) : c10::nullopt;
-    at::Tensor go = grads[0];
-    if (!go.defined()) go = at::zeros_like(saved[4]);
-    auto [dq, dk, dv] = bwd_op().call(go.contiguous(), saved[0], saved[1], saved[2], saved[4], saved[5], keep, scale);
-    return {dq, dk, dv, at::Tensor(), at::Tensor()};
+  torch::autograd::variable_list apply(torch::autograd::variable_list&& grads) override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return mpa_backward(grads[0], task_should_compute_output(0), task_should_compute_output(1),
+                        task_should_compute_output(2), q_.unpack(), k_.unpack(), v_.unpack(), keep(),
+                        out_.unpack(getptr()), lse_.unpack(), scale);
+  }
+
+  void release_variables() override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    q_.reset_data();
+    k_.reset_data();
+    v_.reset_data();
+    keep_.reset_data();
+    out_.reset_data();
+    lse_.reset_data();
+  }
+
+  void compiled_args(torch::autograd::CompiledNodeArgs& args) const override {
+    args.collect(q_, false);
+    args.collect(k_, false);
+    args.collect(v_, false);
+    args.collect(keep_, false);
+    args.collect(out_, true);
+    args.collect(lse_, false);
+    args.collect(has_keep);
+    args.collect(scale);
+  }
+
+  torch::autograd::variable_list apply_with_saved(const torch::autograd::variable_list& grads,
+                                                  torch::autograd::SwapSavedVariables& saved) override {
+    using torch::dynamo::autograd::IValuePacker;
+    torch::autograd::SavedVariable* vars[] = {&q_, &k_, &v_, &keep_, &out_, &lse_};
+    for (auto* sv : vars) saved.before(*sv);
+    torch::autograd::PackedArgs args;
+    args.pack(task_should_compute_output(0));
+    args.pack(task_should_compute_output(1));
+    args.pack(task_should_compute_output(2));
+    args.pack(q_.unpack());
+    args.pack(k_.unpack());
+    args.pack(v_.unpack());
+    args.pack(keep());
+    args.pack(out_.unpack(getptr()));
+    args.pack(lse_.unpack());
+    args.pack(scale);
+    const auto b = IValuePacker<bool>::packed_type();
+    const auto t = IValuePacker<at::Tensor>::packed_type();
+    static bool bound = false;
+    auto result = compiled_apply_functional(
+        saved, "maep_fast_" + name(), bound, mpa_backward_packed,
+        {b, b, b, t, t, t, IValuePacker<std::optional<at::Tensor>>::packed_type(), t, t,
+         IValuePacker<double>::packed_type()},
+        args, next_edges(), grads);
+    for (auto* sv : vars) saved.after(*sv);
+    return result;
   }
 };
 
 at::Tensor masked_patch_attention_autograd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                            const c10::optional<at::Tensor>& keep, double scale) {
-  if (!at::GradMode::is_enabled() || !(q.requires_grad() || k.requires_grad() || v.requires_grad())) {
-    // No graph to record: skip the autograd Function's node and context (host cost per call).
+  const bool record = at::GradMode::is_enabled() && (q.requires_grad() || k.requires_grad() || v.requires_grad());
+  at::Tensor out, lse;
+  {
     at::AutoDispatchBelowADInplaceOrView guard;
-    return std::get<0>(fwd_op().call(q, k, v, keep, scale));
+    std::tie(out, lse) = fwd_op().call(q, k, v, keep, scale);
   }
-  return MaskedPatchAttentionFunction::apply(q, k, v, keep, scale);
+  if (!record) return out;
+  TORCH_CHECK_NOT_IMPLEMENTED(!(q._fw_grad(0).defined() || k._fw_grad(0).defined() || v._fw_grad(0).defined()),
+                              "maep_fast::masked_patch_attention: forward-mode AD is not implemented");
+  auto node = make_node<MaskedPatchAttentionBackward>();
+  node->set_next_edges(torch::autograd::collect_next_edges(q, k, v));
+  node->q_ = torch::autograd::SavedVariable(q, false);
+  node->k_ = torch::autograd::SavedVariable(k, false);
+  node->v_ = torch::autograd::SavedVariable(v, false);
+  node->has_keep = keep.has_value() && keep->defined();
+  if (node->has_keep) node->keep_ = torch::autograd::SavedVariable(*keep, false);
+  node->lse_ = torch::autograd::SavedVariable(lse, false);
+  node->scale = scale;
+  torch::autograd::set_history(out, node);
+  node->out_ = torch::autograd::SavedVariable(out, true);
+  return out;
 }
 
 // Backend kernel of the public op (reached below autograd, e.g. under no_grad or

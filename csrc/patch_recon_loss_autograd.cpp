@@ -1,22 +1,27 @@
 // Autograd of maep_fast::patch_recon_loss at the Autograd key (any backend: CPU, CUDA,
-// Meta / fake for torch.compile): forward runs the backend kernel below autograd and
-// saves (pred, imgs, mask); backward runs patch_recon_loss_backward -> (d pred, d imgs).
-// The mask is data (which patches count) and gets no gradient.
+// Meta / fake for torch.compile): forward runs the backend kernel below autograd and,
+// when a gradient is to be recorded, a PatchReconLossBackward node saves (pred, imgs,
+// mask); its backward runs patch_recon_loss_backward -> (d pred, d imgs). The mask is
+// data (which patches count) and gets no gradient.
 //
 // In C++ rather than torch.library.register_autograd in Python: a Python autograd
 // kernel runs Python on every call, with or without gradients (about 4 us on a tiny
 // CPU tensor, three times a torch.add); here a call that needs no gradient goes straight
-// to the kernel.
+// to the kernel, and one that does builds one node (autograd_node.h).
+#include "autograd_node.h"
+
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
-#include <ATen/ops/zeros_like.h>
-#include <torch/autograd.h>
 #include <torch/library.h>
 
+#include <mutex>
 #include <string>
 
 namespace maep_fast {
 namespace {
+
+using torch::autograd::SavedVariable;
+using torch::autograd::variable_list;
 
 using FwdFn = at::Tensor(const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&, int64_t, bool,
                          int64_t, c10::string_view);
@@ -35,56 +40,121 @@ const c10::TypedOperatorHandle<BwdFn>& bwd_op() {
   return op;
 }
 
-constexpr c10::string_view kReductions[] = {"mean", "sum", "per_sample", "none"};
-
-int64_t reduction_index(c10::string_view reduction) {
-  for (int64_t i = 0; i < 4; ++i) {
-    if (kReductions[i] == reduction) return i;
-  }
-  TORCH_CHECK(false, "maep_fast::patch_recon_loss: reduction must be 'mean', 'sum', 'per_sample' or 'none', got '",
-              std::string(reduction), "'");
+// (d pred, d imgs), each only where needed; shared by the node and its compiled-autograd form.
+variable_list prl_backward(const at::Tensor& grad, bool need_pred, bool need_imgs, const at::Tensor& pred,
+                           const at::Tensor& imgs, const c10::optional<at::Tensor>& mask, int64_t patch_size,
+                           bool norm_pix, int64_t p, const std::string& reduction) {
+  if (!grad.defined() || !(need_pred || need_imgs)) return {at::Tensor(), at::Tensor()};
+  auto [gp, gi] = bwd_op().call(grad.contiguous(), pred, imgs, mask, patch_size, norm_pix, p, reduction);
+  return {need_pred ? gp : at::Tensor(), need_imgs ? gi : at::Tensor()};
 }
 
-class PatchReconLossFunction : public torch::autograd::Function<PatchReconLossFunction> {
- public:
-  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& pred, const at::Tensor& imgs,
-                            const c10::optional<at::Tensor>& mask, int64_t patch_size, bool norm_pix, int64_t p,
-                            c10::string_view reduction) {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    at::Tensor loss = fwd_op().call(pred, imgs, mask, patch_size, norm_pix, p, reduction);
-    const bool has_mask = mask.has_value() && mask->defined();
-    ctx->save_for_backward({pred, imgs, has_mask ? *mask : at::Tensor()});
-    // One saved entry (each costs a hash-map insert per call): the schema's small arguments packed,
-    // the reduction as its index in kReductions.
-    ctx->saved_data["args"] =
-        c10::IValue(std::vector<int64_t>{patch_size, norm_pix, p, has_mask, reduction_index(reduction)});
-    return loss;
+variable_list prl_backward_packed(const variable_list& grads, const std::vector<c10::IValue>& args) {
+  torch::autograd::PackedArgs r(args);
+  const auto need_pred = r.unpack<bool>();
+  const auto need_imgs = r.unpack<bool>();
+  const auto pred = r.unpack<at::Tensor>();
+  const auto imgs = r.unpack<at::Tensor>();
+  const auto mask = r.unpack<std::optional<at::Tensor>>();
+  const auto patch_size = r.unpack<int64_t>();
+  const auto norm_pix = r.unpack<bool>();
+  const auto p = r.unpack<int64_t>();
+  const auto reduction = r.unpack<std::string>();
+  return prl_backward(grads[0], need_pred, need_imgs, pred, imgs, mask, patch_size, norm_pix, p, reduction);
+}
+
+struct PatchReconLossBackward : torch::autograd::Node {
+  SavedVariable pred_, imgs_, mask_;
+  bool has_mask = false;
+  int64_t patch_size = 0;
+  bool norm_pix = false;
+  int64_t p = 0;
+  std::string reduction;
+
+  std::string name() const override { return "PatchReconLossBackward"; }
+
+  c10::optional<at::Tensor> mask() const {
+    return has_mask ? c10::optional<at::Tensor>(mask_.unpack()) : c10::nullopt;
   }
 
-  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
-                                                 torch::autograd::variable_list grads) {
-    const auto saved = ctx->get_saved_variables();
-    const auto args = ctx->saved_data["args"].toIntVector();  // patch_size, norm_pix, p, has_mask
-    const c10::optional<at::Tensor> mask = args[3] ? c10::optional<at::Tensor>(saved[2]) : c10::nullopt;
-    at::Tensor go = grads[0];
-    if (!go.defined()) return {at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
-                               at::Tensor()};
-    auto [gp, gi] = bwd_op().call(go.contiguous(), saved[0], saved[1], mask, args[0], args[1] != 0, args[2],
-                                  kReductions[args[4]]);
-    return {ctx->needs_input_grad(0) ? gp : at::Tensor(), ctx->needs_input_grad(1) ? gi : at::Tensor(),
-            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  variable_list apply(variable_list&& grads) override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return prl_backward(grads[0], task_should_compute_output(0), task_should_compute_output(1), pred_.unpack(),
+                        imgs_.unpack(), mask(), patch_size, norm_pix, p, reduction);
+  }
+
+  void release_variables() override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    pred_.reset_data();
+    imgs_.reset_data();
+    mask_.reset_data();
+  }
+
+  void compiled_args(torch::autograd::CompiledNodeArgs& args) const override {
+    args.collect(pred_, false);
+    args.collect(imgs_, false);
+    args.collect(mask_, false);
+    args.collect(has_mask);
+    args.collect(patch_size);
+    args.collect(norm_pix);
+    args.collect(p);
+    args.collect(reduction);
+  }
+
+  variable_list apply_with_saved(const variable_list& grads, torch::autograd::SwapSavedVariables& saved) override {
+    using torch::dynamo::autograd::IValuePacker;
+    saved.before(pred_);
+    saved.before(imgs_);
+    saved.before(mask_);
+    torch::autograd::PackedArgs args;
+    args.pack(task_should_compute_output(0));
+    args.pack(task_should_compute_output(1));
+    args.pack(pred_.unpack());
+    args.pack(imgs_.unpack());
+    args.pack(mask());
+    args.pack(patch_size);
+    args.pack(norm_pix);
+    args.pack(p);
+    args.pack(reduction);
+    static bool bound = false;
+    auto result = compiled_apply_functional(
+        saved, "maep_fast_" + name(), bound, prl_backward_packed,
+        {IValuePacker<bool>::packed_type(), IValuePacker<bool>::packed_type(), IValuePacker<at::Tensor>::packed_type(),
+         IValuePacker<at::Tensor>::packed_type(), IValuePacker<std::optional<at::Tensor>>::packed_type(),
+         IValuePacker<int64_t>::packed_type(), IValuePacker<bool>::packed_type(),
+         IValuePacker<int64_t>::packed_type(), IValuePacker<std::string>::packed_type()},
+        args, next_edges(), grads);
+    saved.after(pred_);
+    saved.after(imgs_);
+    saved.after(mask_);
+    return result;
   }
 };
 
 at::Tensor patch_recon_loss_autograd(const at::Tensor& pred, const at::Tensor& imgs,
                                      const c10::optional<at::Tensor>& mask, int64_t patch_size, bool norm_pix,
                                      int64_t p, c10::string_view reduction) {
-  if (!at::GradMode::is_enabled() || !(pred.requires_grad() || imgs.requires_grad())) {
-    // No graph to record: skip the autograd Function's node and context.
+  const bool record = at::GradMode::is_enabled() && (pred.requires_grad() || imgs.requires_grad());
+  at::Tensor loss;
+  {
     at::AutoDispatchBelowADInplaceOrView guard;
-    return fwd_op().call(pred, imgs, mask, patch_size, norm_pix, p, reduction);
+    loss = fwd_op().call(pred, imgs, mask, patch_size, norm_pix, p, reduction);
   }
-  return PatchReconLossFunction::apply(pred, imgs, mask, patch_size, norm_pix, p, reduction);
+  if (!record) return loss;
+  TORCH_CHECK_NOT_IMPLEMENTED(!(pred._fw_grad(0).defined() || imgs._fw_grad(0).defined()),
+                              "maep_fast::patch_recon_loss: forward-mode AD is not implemented");
+  auto node = make_node<PatchReconLossBackward>();
+  node->set_next_edges(torch::autograd::collect_next_edges(pred, imgs));
+  node->pred_ = SavedVariable(pred, false);
+  node->imgs_ = SavedVariable(imgs, false);
+  node->has_mask = mask.has_value() && mask->defined();
+  if (node->has_mask) node->mask_ = SavedVariable(*mask, false);
+  node->patch_size = patch_size;
+  node->norm_pix = norm_pix;
+  node->p = p;
+  node->reduction = std::string(reduction);
+  torch::autograd::set_history(loss, node);
+  return loss;
 }
 
 }  // namespace

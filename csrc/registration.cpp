@@ -43,7 +43,7 @@ TORCH_LIBRARY(maep_fast, m) {
 
   // Attention over visible patches, q/k/v [B, H, L, D], keep bool [B, L] or None.
   // masked_patch_attention is the public differentiable op (out only): CPU / CUDA
-  // kernels, and a C++ autograd Function at the Autograd key that runs
+  // kernels, and a hand-written C++ autograd node at the Autograd key that runs
   // masked_patch_attention_fwd -> (out, lse), saves lse (per-row logsumexp, fp32;
   // fp64 for fp64 inputs; 0 for hidden query rows) and backpropagates through
   // masked_patch_attention_bwd. _fwd is also differentiable on its own (autograd

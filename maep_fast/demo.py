@@ -77,6 +77,7 @@ class DemoConfig:
     rand_masks: int = 4
     rand_eot: int = 4
     rand_n: int = 120
+    rand_attacks: tuple = ()  # () = the same as ``attacks``
     # plain MAE (standard MAE pretraining on the train split) for MAE-Pure
     mae_pure: bool = True
     mae_epochs: int = 25
@@ -90,6 +91,7 @@ class DemoConfig:
     mp_attack_steps: int = 10  # PGD steps of the adaptive / BPDA attacks through MAE-Pure
     mp_eot: int = 2
     mp_aa_steps: int = 10  # AutoAttack-rand APGD steps through MAE-Pure (full demo)
+    mp_attacks: tuple = ()  # () = the same as ``attacks``
     # MIMIR rows
     mimir: bool = True
     mimir_patch_size: int = 4  # 16 tokens: at patch 2 a ViT does not learn the digits in a CPU-minute budget
@@ -110,11 +112,16 @@ QUICK = dict(classifier_epochs=1, stage1_epochs=1, stage2_epochs=1, train_steps=
              mimir_train_n=128)
 
 # --full: the quality run (issue 15): MAEP stage 1 90 epochs on PGD-10 pairs, a longer-pretrained plain MAE,
-# eps 8/16/32 x {our PGD-20, torchattacks PGD-20, AutoAttack}
+# eps 8/16/32 x {our PGD-20, torchattacks PGD-20, AutoAttack} for MAEP. AutoAttack's budget is cut to fit
+# 45 minutes on 2 cores (10 APGD / FAB iterations, 250 Square queries; its defaults, 100 and 5000, would cost
+# hours through a purifier on a CPU: one MAEP forward+backward on the 360 test images is ~0.75 s there), and
+# the randomized defenses get fewer attacks (MAEP-rand: our PGD with EOT; MAE-Pure: our PGD-10 with EOT 2
+# and AutoAttack-rand with 5 steps) on fixed subsets; every row names its attack, steps and EOT.
 FULL = dict(full=True, stage1_epochs=90, stage2_epochs=5, train_steps=10, eval_eps=(8 / 255, 16 / 255, 32 / 255),
-            attacks=("pgd", "ta-pgd", "autoattack"), rand_n=120, rand_eot=8, mae_epochs=80, mp_n=120,
+            attacks=("pgd", "ta-pgd", "autoattack"), aa_steps=10, aa_queries=250, rand_n=120, rand_eot=4,
+            rand_attacks=("pgd",), mae_epochs=80, mp_n=64,
             mp_eta=40 / 255, mp_mask_ratio=0.6,  # the best measured MAE-Pure schedule (README, recipes)
-            mp_attack_steps=20, mp_eot=4, mimir=False)
+            mp_attack_steps=10, mp_eot=2, mp_aa_steps=5, mp_attacks=("pgd", "autoattack"), mimir=False)
 
 
 class RandomizedMAEP(nn.Module):
@@ -218,6 +225,7 @@ def run_demo(out_dir: str | Path = "runs/demo", cfg: DemoConfig | None = None) -
         ev_r = test.subset(cfg.rand_n, seed=cfg.seed) if cfg.rand_n < len(test) else test
         rnd = RandomizedMAEP(model, cfg.rand_mask_ratio, cfg.rand_masks)
         sections["maep_rand"] = _sweep(cfg, classifier, rnd, ev_r, defense=f"MAEP-rand", randomized=True,
+                                       attacks=cfg.rand_attacks or cfg.attacks,
                                        threat_models=("oblivious", "adaptive-full-gradient"), eot=cfg.rand_eot,
                                        steps=cfg.eval_steps,
                                        note=f"the same MAEP model, mean of {cfg.rand_masks} reconstructions at mask "
@@ -234,6 +242,7 @@ def run_demo(out_dir: str | Path = "runs/demo", cfg: DemoConfig | None = None) -
         mp = MAEPure(mae, steps=cfg.mp_steps, step_size=cfg.mp_step_size, halve_step=True, eta=cfg.mp_eta,
                      mask_ratio=cfg.mp_mask_ratio, n_masks=cfg.mp_masks)
         sections["mae_pure"] = _sweep(cfg, classifier, mp, ev_m, defense="MAE-Pure", randomized=True,
+                                      attacks=cfg.mp_attacks or cfg.attacks,
                                       threat_models=("oblivious", "adaptive-full-gradient", "bpda-eot"),
                                       eot=cfg.mp_eot, steps=cfg.mp_attack_steps, aa_steps=cfg.mp_aa_steps,
                                       note=f"plain MAE ({cfg.preset} preset, MAE pretraining {cfg.mae_epochs} ep, mask "
@@ -290,12 +299,12 @@ def run_demo(out_dir: str | Path = "runs/demo", cfg: DemoConfig | None = None) -
 
 
 def _sweep(cfg: DemoConfig, classifier, purifier, ev, *, defense: str, randomized: bool, threat_models, eot: int,
-           steps: int, note: str, aa_steps: int | None = None) -> dict:
-    """Every attack of ``cfg.attacks`` at every eps of ``cfg.eval_eps`` on ``ev``, with the undefended
-    classifier on the same images as the baseline; rows + sanity checks + settings."""
+           steps: int, note: str, aa_steps: int | None = None, attacks: tuple = ()) -> dict:
+    """Every attack of ``attacks`` (default ``cfg.attacks``) at every eps of ``cfg.eval_eps`` on ``ev``,
+    with the undefended classifier on the same images as the baseline; rows + sanity checks + settings."""
     rows, sanity, settings = [], [], []
     base = "no defense" if len(ev) == cfg.n_eval else f"no defense (n={len(ev)})"
-    for a in cfg.attacks:
+    for a in attacks or cfg.attacks:
         kw = dict(threat_models=list(threat_models), attack=a, norm="linf", steps=steps, eot=eot,
                   version="rand" if randomized else "standard", seed=cfg.seed, defense=defense,
                   n_classes=10, n_queries=cfg.aa_queries, progress=cfg.progress)

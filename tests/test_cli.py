@@ -93,7 +93,13 @@ def test_demo_full_code_path_on_tiny_settings(tmp_path):
     assert {round(r["eps"] * 255) for r in rows if r["threat_model"] != "none"} == {8, 16, 32}
     aa = {(r["defense"], r["attack"]) for r in rows if r["attack"].startswith("AutoAttack")}
     assert ("MAEP", "AutoAttack-standard") in aa and ("MAE-Pure", "AutoAttack-rand") in aa
-    assert ("MAEP-rand", "AutoAttack-rand") in aa
+    # the randomized defenses get the attacks --full names for them (budget): MAEP-rand our PGD only,
+    # MAE-Pure our PGD and AutoAttack-rand
+    by_defense = {d: {r["attack"] for r in rows if r["defense"] == d and r["threat_model"] != "none"}
+                  for d in ("MAEP", "MAEP-rand", "MAE-Pure")}
+    assert by_defense["MAEP"] == {"PGD-2", "torchattacks-PGD-2", "AutoAttack-standard"}
+    assert by_defense["MAEP-rand"] == {"PGD-2"}
+    assert by_defense["MAE-Pure"] == {"PGD-1", "AutoAttack-rand"}
     assert all(r["n"] == {"MAEP": 8, "MAEP-rand": 4, "MAE-Pure": 4}.get(r["defense"], r["n"]) for r in rows)
     assert m["sanity"] and all({"check", "passed", "message"} <= set(c) for c in m["sanity"])
     for f in ("grid.png", "acc_vs_eps.png", "table.md", "metrics.json"):

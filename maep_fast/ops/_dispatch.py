@@ -59,7 +59,7 @@ def triton_interpreted() -> bool:
 
 
 _TRITON_ERROR: list[str] = []
-_RESOLVED: dict[tuple, str] = {}
+_RESOLVED: dict[tuple, tuple] = {}  # see resolve_backend
 
 
 @torch.compiler.assume_constant_result
@@ -124,9 +124,12 @@ def requested_backend(backend: str) -> str:
     return backend
 
 
-# (op, backend, device type, AUTO_ORDER entries, MAEP_FAST_BACKEND, TRITON_INTERPRET) -> backend. Resolution
-# reads the registry and the native library, which do not change while a process runs; the two
-# environment variables that steer it are part of the key, so tests that set them still see the change.
+# (op, backend, device) -> (backend, and what it was resolved under: the device type's AUTO_ORDER
+# and AUTO_ORDER_BY_OP entries, MAEP_FAST_BACKEND, TRITON_INTERPRET). Resolution reads the registry
+# and the native library, which do not change while a process runs; a hit is checked against the
+# current orders and environment by identity (a changed entry or variable is a new object), so tests
+# that change them still see the change. device.type builds a new str on every read (~0.25 us):
+# the key holds the device itself, the entry the type and the AUTO_ORDER_BY_OP key.
 
 # os.environ.get encodes the name on every call (~0.7 us, half a torch.add on a tiny tensor); the
 # mapping it wraps is a plain dict of encoded names, read directly where the platform has it.
@@ -143,17 +146,20 @@ else:  # pragma: no cover - non-POSIX
 def resolve_backend(op: str, backend: str, device: torch.device) -> str:
     """The concrete backend that will run ``op`` for tensors on ``device``.
 
-    Cached per (op, backend, device type, environment): an op call pays one dict lookup here.
-    An explicitly requested backend that is not available raises every time (never cached).
+    Cached per (op, backend, device), checked against the orders and environment: an op call pays
+    one dict lookup and four identity tests here. An explicitly requested backend that is not
+    available raises every time (never cached).
     """
+    hit = _RESOLVED.get((op, backend, device))
+    if (hit is not None and hit[1] is AUTO_ORDER.get(hit[5]) and hit[2] is AUTO_ORDER_BY_OP.get(hit[6])
+            and hit[3] is _getenv(_ENV_BACKEND) and hit[4] is _getenv(_ENV_INTERPRET)):
+        return hit[0]
     dev = device.type
-    key = (op, backend, dev, AUTO_ORDER.get(dev), AUTO_ORDER_BY_OP.get((dev, op)), _getenv(_ENV_BACKEND),
-           _getenv(_ENV_INTERPRET))
-    hit = _RESOLVED.get(key)
-    if hit is None:
-        hit = _resolve_uncached(op, backend, device)
-        _RESOLVED[key] = hit
-    return hit
+    by_op_key = (dev, op)
+    resolved = _resolve_uncached(op, backend, device)
+    _RESOLVED[(op, backend, device)] = (resolved, AUTO_ORDER.get(dev), AUTO_ORDER_BY_OP.get(by_op_key),
+                                        _getenv(_ENV_BACKEND), _getenv(_ENV_INTERPRET), dev, by_op_key)
+    return resolved
 
 
 def _resolve_uncached(op: str, backend: str, device: torch.device) -> str:

@@ -4,13 +4,16 @@ Registers, for the C++ ops defined in ``csrc/registration.cpp``:
 
 - ``maep_fast::patch_recon_loss`` / ``patch_recon_loss_backward``: fakes only; the
   autograd of ``patch_recon_loss`` (gradients to ``pred`` and ``imgs``; the mask gets
-  none) is a C++ autograd Function (csrc/patch_recon_loss_autograd.cpp), so a call that
-  needs no gradient runs no Python below the op.
+  none) is a C++ autograd node (csrc/patch_recon_loss_autograd.cpp), so a call runs no
+  Python below the op. The fake runs the public op's argument checks: the eager op
+  leaves them to the kernels, and a meta or fake input reaches none.
 - ``maep_fast::masked_patch_attention`` (public, -> out): fake only; its
-  autograd is a C++ autograd Function (csrc/masked_patch_attention_cpu.cpp)
+  autograd is a C++ autograd node (csrc/masked_patch_attention_cpu.cpp)
   that saves the logsumexp of ``masked_patch_attention_fwd`` and calls
   ``masked_patch_attention_bwd``, so it is differentiable as soon as
   ``maep_fast._C`` is loaded (torch.compile needs the fakes registered here).
+  Its fake and that of ``_fwd`` run the public op's argument checks, as the
+  loss's fake does.
 - ``maep_fast::masked_patch_attention_fwd`` -> (out, lse) /
   ``masked_patch_attention_bwd`` -> (dq, dk, dv): fakes, and autograd on
   ``masked_patch_attention_fwd`` (the lse output gets no gradient).
@@ -45,21 +48,30 @@ def _register() -> None:
     # ------------------------------------------------------------------ patch_recon_loss
     @torch.library.register_fake(lib + "patch_recon_loss")
     def _prl_fake(pred, imgs, mask, patch_size, norm_pix, p, reduction):
+        from maep_fast.ops.patch_recon_loss import _validate
+
+        _validate(pred, imgs, mask, patch_size, p, reduction)
         return pred.new_empty(_prl_out_shape(pred, reduction))
 
     @torch.library.register_fake(lib + "patch_recon_loss_backward")
     def _prl_bwd_fake(grad_out, pred, imgs, mask, patch_size, norm_pix, p, reduction):
         return torch.empty_like(pred), torch.empty_like(imgs)
 
-    # autograd of patch_recon_loss: a C++ autograd Function (csrc/patch_recon_loss_autograd.cpp)
+    # autograd of patch_recon_loss: a C++ autograd node (csrc/patch_recon_loss_autograd.cpp)
 
     # ------------------------------------------------------------------ masked_patch_attention
     @torch.library.register_fake(lib + "masked_patch_attention")
     def _mpa_fake(q, k, v, keep, scale):
+        from maep_fast.ops.masked_patch_attention import _validate
+
+        _validate(q, k, v, keep, scale)
         return torch.empty_like(q, memory_format=torch.contiguous_format)
 
     @torch.library.register_fake(lib + "masked_patch_attention_fwd")
     def _mpa_fwd_fake(q, k, v, keep, scale):
+        from maep_fast.ops.masked_patch_attention import _validate
+
+        _validate(q, k, v, keep, scale)  # the public op's forward, below its autograd node
         stat = torch.float64 if q.dtype == torch.float64 else torch.float32
         b, h, length, _ = q.shape
         return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty((b, h, length), dtype=stat)

@@ -197,8 +197,49 @@ def _native_attention():
     return _NATIVE[0]
 
 
+_NATIVE_ENTRY: list = []
+
+
+def _native_entry():
+    """The overload's C++ entry ``_op``, looked up once: OpOverload.__call__ only forwards to it."""
+    if not _NATIVE_ENTRY:
+        _NATIVE_ENTRY.append(_native_attention()._op)
+    return _NATIVE_ENTRY[0]
+
+
+def _goes_native(q, scale, backend) -> bool:
+    """Whether an eager call can go straight to the C++ CPU op: a tensor q, a plain scale, backend
+    cpp. The op checks shapes, dtypes and devices itself (the kernel: check_mpa_args in
+    csrc/masked_patch_attention.h; the fakes, for meta or fake tensors: _validate), so the Python
+    checks, about 1 us of a 6 us call on a tiny tensor, run only for a call it refuses, to raise
+    naming the argument. The CUDA path checks first: its kernel is never given inputs it cannot run."""
+    if torch.compiler.is_compiling():
+        return False  # traced once: the full path below
+    if not (isinstance(q, torch.Tensor) and (scale is None or (type(scale) is float and 0.0 < scale < math.inf))):
+        return False
+    try:
+        return resolve_backend(OP, backend, q.device) == "cpp"
+    except (RuntimeError, ValueError):
+        return False  # an unknown or unavailable backend is reported after the argument checks
+
+
+def _argument_error(refused: Exception, q, k, v, keep, scale) -> Exception:
+    """For a call the native op refused: the Python checks' error, which names the argument, or
+    the op's own error where the arguments pass them."""
+    try:
+        _validate_full(q, k, v, keep, scale)
+    except (TypeError, ValueError) as bad:
+        return bad
+    return refused
+
+
 def masked_patch_attention(q, k, v, keep=None, *, scale=None, backend="auto"):
     """Attention over visible patches; see module docstring for shapes and backends."""
+    if _goes_native(q, scale, backend):
+        try:
+            return _native_entry()(q, k, v, keep, q.shape[-1] ** -0.5 if scale is None else scale)
+        except Exception as refused:  # re-raised as it is unless the Python checks name an argument
+            raise _argument_error(refused, q, k, v, keep, scale) from None
     _validate(q, k, v, keep, scale)
     chosen = resolve_backend(OP, backend, q.device)
     scale_f = q.shape[-1] ** -0.5 if scale is None else float(scale)

@@ -162,6 +162,44 @@ def _native_loss():
     return _NATIVE[0]
 
 
+_NATIVE_ENTRY: list = []
+
+
+def _native_entry():
+    """The overload's C++ entry ``_op``, looked up once: OpOverload.__call__ only forwards to it."""
+    if not _NATIVE_ENTRY:
+        _NATIVE_ENTRY.append(_native_loss()._op)
+    return _NATIVE_ENTRY[0]
+
+
+def _goes_native(pred, imgs, patch_size, p, reduction, backend) -> bool:
+    """Whether an eager call can go straight to the native op: tensors of one dtype, plain scalar
+    arguments, the cpp backend. The op checks shapes, dtypes and devices itself (the kernels:
+    check_patch_recon_loss_args in csrc/patch_recon_loss.h; the fake, for meta or fake tensors:
+    _validate), so the Python checks, about 1 us of a 6 us call on a tiny tensor, run only for a
+    call it refuses, to raise naming the argument."""
+    if torch.compiler.is_compiling():
+        return False  # traced once: the full path below
+    if not (isinstance(pred, torch.Tensor) and isinstance(imgs, torch.Tensor) and pred.dtype is imgs.dtype
+            and type(patch_size) is int and (p == 2 or p == 1) and reduction in _REDUCTION_SET):
+        return False
+    try:
+        # CPU only: on a GPU the checks are ~1 % of a call, and the Python errors stay first there
+        return resolve_backend("patch_recon_loss", backend, pred.device) == "cpp"
+    except (RuntimeError, ValueError):
+        return False  # an unknown or unavailable backend is reported after the argument checks
+
+
+def _argument_error(refused: Exception, pred, imgs, mask, patch_size, p, reduction) -> Exception:
+    """For a call the native op refused: the Python checks' error, which names the argument, or
+    the op's own error where the arguments pass them."""
+    try:
+        _validate_full(pred, imgs, mask, patch_size, p, reduction)
+    except (TypeError, ValueError) as bad:
+        return bad
+    return refused
+
+
 def patch_recon_loss(
     pred: torch.Tensor,
     imgs: torch.Tensor,
@@ -174,10 +212,15 @@ def patch_recon_loss(
     backend: str = "auto",
 ) -> torch.Tensor:
     """See module docstring; ``backend`` is auto | torch | triton | cpp | cuda."""
+    # autograd in C++ (csrc/patch_recon_loss_autograd.cpp), fake kernel in maep_fast/ops/_native_ops.py
+    if _goes_native(pred, imgs, patch_size, p, reduction, backend):
+        try:
+            return _native_entry()(pred, imgs, mask, patch_size, bool(norm_pix), int(p), reduction)
+        except Exception as refused:  # re-raised as it is unless the Python checks name an argument
+            raise _argument_error(refused, pred, imgs, mask, patch_size, p, reduction) from None
     _validate(pred, imgs, mask, patch_size, p, reduction)
     be = resolve_backend("patch_recon_loss", backend, pred.device)
     if be in ("cpp", "cuda"):
-        # autograd in C++ (csrc/patch_recon_loss_autograd.cpp), fake kernel in maep_fast/ops/_native_ops.py
         if pred.dtype != imgs.dtype:  # e.g. bf16 pred under autocast, fp32 images
             dt = torch.promote_types(pred.dtype, imgs.dtype)
             pred, imgs = pred.to(dt), imgs.to(dt)
