@@ -100,6 +100,18 @@ def clf_dir(tmp_path_factory):
 
 
 @pytest.mark.parametrize("command", ["pretrain", "train-classifier", "train"])
+
+def _fit_until_it_dies(monkeypatch, module, name, dying, init, out, snapshot_every):
+    """Train a model from ``init`` with ``module.name`` replaced by ``dying`` until it raises _Die,
+    then put the real function back."""
+    real = getattr(module, name)
+    monkeypatch.setattr(module, name, dying)
+    m = tiny_mae()
+    m.load_state_dict(init)
+    with pytest.raises(_Die):
+        fit(m, list(m.parameters()), _toy(), _noisy_step(m), _cfg(out, snapshot_every=snapshot_every))
+    monkeypatch.setattr(module, name, real)
+
 def test_same_seed_gives_bit_identical_checkpoints(tmp_path, clf_dir, command):
     args = {"pretrain": PRETRAIN, "train-classifier": CLASSIFIER, "train": _maep_args(clf_dir)}[command]
     sub = {"pretrain": "mae", "train-classifier": "", "train": "maep"}[command]
@@ -182,12 +194,7 @@ def test_resume_mid_epoch_restores_every_rng(tmp_path, monkeypatch, die_at):
 
     from maep_fast.train import loop as loop_mod
 
-    monkeypatch.setattr(loop_mod, "save_training_state", save_then_die)
-    m = tiny_mae()
-    m.load_state_dict(init)
-    with pytest.raises(_Die):
-        fit(m, list(m.parameters()), _toy(), _noisy_step(m), _cfg(tmp_path, snapshot_every=1))
-    monkeypatch.setattr(loop_mod, "save_training_state", real)
+    _fit_until_it_dies(monkeypatch, loop_mod, "save_training_state", save_then_die, init, tmp_path, 1)
 
     resumed = tiny_mae()  # other init, other RNG states: all must come from the snapshot
     torch.manual_seed(99)
@@ -217,12 +224,7 @@ def test_a_write_that_dies_midway_leaves_the_previous_snapshot(tmp_path, monkeyp
             raise _Die
         real_save_file(tensors, path, metadata=metadata)
 
-    monkeypatch.setattr(common_mod, "save_file", dying_save_file)
-    m = tiny_mae()
-    m.load_state_dict(init)
-    with pytest.raises(_Die):
-        fit(m, list(m.parameters()), _toy(), _noisy_step(m), _cfg(tmp_path, snapshot_every=2))
-    monkeypatch.setattr(common_mod, "save_file", real_save_file)
+    _fit_until_it_dies(monkeypatch, common_mod, "save_file", dying_save_file, init, tmp_path, 2)
     st = json.loads((tmp_path / "state.json").read_text())
     assert st["step"] == 4 and all(p.is_file() for p in snapshot_files(tmp_path).values())
     resumed = tiny_mae()
