@@ -100,18 +100,6 @@ def clf_dir(tmp_path_factory):
 
 
 @pytest.mark.parametrize("command", ["pretrain", "train-classifier", "train"])
-
-def _fit_until_it_dies(monkeypatch, module, name, dying, init, out, snapshot_every):
-    """Train a model from ``init`` with ``module.name`` replaced by ``dying`` until it raises _Die,
-    then put the real function back."""
-    real = getattr(module, name)
-    monkeypatch.setattr(module, name, dying)
-    m = tiny_mae()
-    m.load_state_dict(init)
-    with pytest.raises(_Die):
-        fit(m, list(m.parameters()), _toy(), _noisy_step(m), _cfg(out, snapshot_every=snapshot_every))
-    monkeypatch.setattr(module, name, real)
-
 def test_same_seed_gives_bit_identical_checkpoints(tmp_path, clf_dir, command):
     args = {"pretrain": PRETRAIN, "train-classifier": CLASSIFIER, "train": _maep_args(clf_dir)}[command]
     sub = {"pretrain": "mae", "train-classifier": "", "train": "maep"}[command]
@@ -173,6 +161,18 @@ def _cfg(tmp, **kw):
 
 class _Die(Exception):
     pass
+
+
+def _fit_until_it_dies(monkeypatch, module, name, dying, init, out, snapshot_every):
+    """Train a model from ``init`` with ``module.name`` replaced by ``dying`` until it raises _Die,
+    then put the real function back."""
+    real = getattr(module, name)
+    monkeypatch.setattr(module, name, dying)
+    m = tiny_mae()
+    m.load_state_dict(init)
+    with pytest.raises(_Die):
+        fit(m, list(m.parameters()), _toy(), _noisy_step(m), _cfg(out, snapshot_every=snapshot_every))
+    monkeypatch.setattr(module, name, real)
 
 
 @pytest.mark.parametrize("die_at", [1, 4, 5, 9])  # 5 steps per epoch: mid-epoch and epoch-boundary snapshots
