@@ -133,14 +133,15 @@ def cmd_train(args) -> int:
     progress = not args.no_progress
     cfg = MAEPConfig(
         mask_ratio=args.mask_ratio, w_pur=args.w_pur, w_mae=args.w_mae,
-        attack=AttackConfig(norm=args.norm, eps=args.eps, step_size=args.step_size, steps=args.steps),
+        attack=AttackConfig(norm=args.norm, eps=args.eps, step_size=args.step_size, steps=args.steps,
+                            eps_min=args.eps_min),
         stage1=LoopConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, progress=progress,
                           desc="MAEP stage 1", state_dir=str(out / "state_stage1"), resume=args.resume,
                           snapshot_every=args.snapshot_every),
         stage2=LoopConfig(epochs=args.stage2_epochs, batch_size=args.batch_size, lr=args.lr / 2, warmup_epochs=0.5,
                           seed=args.seed + 1, progress=progress, desc="MAEP stage 2 (LoRA)",
                           state_dir=str(out / "state_stage2"), resume=args.resume, snapshot_every=args.snapshot_every),
-        lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
+        lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, w_cls=args.w_cls, clean_frac=args.clean_frac,
     )
     classifier = None
     if args.pairs:
@@ -149,6 +150,8 @@ def cmd_train(args) -> int:
         if missing:
             raise SystemExit(f"error: --pairs file {args.pairs} lacks tensors {sorted(missing)}")
         data = AdversarialPairs(t["clean"], t["adversarial"], t["labels"])
+        if args.classifier:  # for --w-cls
+            classifier = load_model(args.classifier, expect_kind="classifier", map_location=device)
     else:
         if not args.classifier:
             raise SystemExit("error: give --classifier (pairs made online by PGD) or --pairs (precomputed)")
@@ -355,10 +358,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mask-ratio", type=float, default=0.5)
     p.add_argument("--w-pur", type=float, default=1.0, help="weight of the l1 purification loss")
     p.add_argument("--w-mae", type=float, default=1.0, help="weight of the masked MSE loss")
+    p.add_argument("--w-cls", type=float, default=0.0,
+                   help="classifier guidance: weight of KL(f(x) || f(P(x_adv))) with the --classifier f (not in the "
+                        "MAEP paper; 0 = the published loss)")
+    p.add_argument("--clean-frac", type=float, default=0.0,
+                   help="fraction of each batch purified from the clean image (x -> x pairs)")
     p.add_argument("--norm", default="linf", choices=["linf", "l2"])
     p.add_argument("--eps", type=_number, default=8 / 255)
     p.add_argument("--step-size", type=_number, default=2 / 255)
     p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--eps-min", type=_number, default=None,
+                   help="draw each batch's eps uniformly from [eps-min, eps] (step size scaled with it)")
     p.add_argument("--lora-rank", type=int, default=8)
     p.add_argument("--lora-alpha", type=float, default=16.0)
     p.add_argument("--out", required=True, help="output directory (checkpoint in OUT/maep)")

@@ -9,7 +9,7 @@ Two sizes:
   masks; adaptive attack with EOT) and MAE-Pure (oblivious, adaptive EOT,
   BPDA+EOT) on fixed test subsets; MIMIR rows.
 * ``maep-fast demo --full`` (``FULL``): longer training (MAEP stage 1 on
-  PGD-10 pairs, a longer-pretrained MAE), eps 8/255, 16/255 and 32/255, our
+  PGD-10 pairs with classifier guidance, a longer-pretrained MAE), eps 8/255, 16/255 and 32/255, our
   PGD-20, torchattacks' PGD-20 and AutoAttack (standard for the
   deterministic MAEP, rand with EOT for the randomized defenses), the full
   table, an accuracy-vs-eps plot and an image grid with predicted labels.
@@ -63,7 +63,10 @@ class DemoConfig:
     stage1_epochs: int = 30
     stage2_epochs: int = 5
     train_eps: float = 16 / 255
+    train_eps_min: float | None = None  # set: each batch's training eps uniform in [train_eps_min, train_eps]
     train_steps: int = 5
+    w_cls: float = 0.0  # MAEP classifier guidance (MAEPConfig.w_cls; 0 = the paper's loss)
+    clean_frac: float = 0.0  # MAEP clean inputs per batch (MAEPConfig.clean_frac)
     # evaluation (L-inf, step eps/4, random start)
     eval_eps: tuple = (16 / 255,)
     eval_steps: int = 20
@@ -76,7 +79,7 @@ class DemoConfig:
     rand_mask_ratio: float = 0.25
     rand_masks: int = 4
     rand_eot: int = 4
-    rand_n: int = 120
+    rand_n: int = 120  # >= the test split: all test images
     rand_attacks: tuple = ()  # () = the same as ``attacks``
     # plain MAE (standard MAE pretraining on the train split) for MAE-Pure
     mae_pure: bool = True
@@ -87,7 +90,8 @@ class DemoConfig:
     mp_eta: float = 32 / 255
     mp_mask_ratio: float = 0.5
     mp_masks: int = 1
-    mp_n: int = 64
+    mp_n: int = 64  # the subset for MAE-Pure's attacks through the purifier (adaptive, BPDA+EOT)
+    mp_oblivious_all: bool = False  # also MAE-Pure's oblivious rows on all n_eval images (cheap: no EOT)
     mp_attack_steps: int = 10  # PGD steps of the adaptive / BPDA attacks through MAE-Pure
     mp_eot: int = 2
     mp_aa_steps: int = 10  # AutoAttack-rand APGD steps through MAE-Pure (full demo)
@@ -111,15 +115,18 @@ QUICK = dict(classifier_epochs=1, stage1_epochs=1, stage2_epochs=1, train_steps=
              mimir_epochs=1, mimir_ft_clean_epochs=0, mimir_ft_epochs=1, mimir_ft_steps=1, mimir_n=32,
              mimir_train_n=128)
 
-# --full: the quality run (issue 15): MAEP stage 1 90 epochs on PGD-10 pairs, a longer-pretrained plain MAE,
-# eps 8/16/32 x {our PGD-20, torchattacks PGD-20, AutoAttack} for MAEP. AutoAttack's budget is cut to fit
-# 45 minutes on 2 cores (10 APGD / FAB iterations, 250 Square queries; its defaults, 100 and 5000, would cost
-# hours through a purifier on a CPU: one MAEP forward+backward on the 360 test images is ~0.75 s there), and
-# the randomized defenses get fewer attacks (MAEP-rand: our PGD with EOT; MAE-Pure: our PGD-10 with EOT 2
-# and AutoAttack-rand with 5 steps) on fixed subsets; every row names its attack, steps and EOT.
-FULL = dict(full=True, stage1_epochs=90, stage2_epochs=5, train_steps=10, eval_eps=(8 / 255, 16 / 255, 32 / 255),
-            attacks=("pgd", "ta-pgd", "autoattack"), aa_steps=10, aa_queries=250, rand_n=120, rand_eot=4,
-            rand_attacks=("pgd",), mae_epochs=80, mp_n=64,
+# --full: the quality run (issue 15): MAEP stage 1 60 epochs on PGD-10 pairs with classifier guidance (w_cls 1,
+# 20 % clean inputs; the paper's loss alone reached oblivious clean - 8.6 at 90 epochs: README, recipes), a
+# longer-pretrained plain MAE, eps 8/16/32 x {our PGD-20, torchattacks PGD-20, AutoAttack} for MAEP on all test
+# images. AutoAttack's budget is cut to fit 45 minutes on 2 cores (10 APGD / FAB iterations, 250 Square queries;
+# its defaults, 100 and 5000, would cost hours through a purifier on a CPU: one MAEP forward+backward on the 360
+# test images is ~0.75 s there). MAEP-rand: our PGD with EOT on all test images. MAE-Pure: oblivious rows on all
+# test images; its attacks through the purifier (our PGD-10 with EOT 2, AutoAttack-rand with 5 steps; each step
+# differentiates through 50 purification steps) on a fixed 64-image subset. Every row names attack, steps, EOT, n.
+FULL = dict(full=True, stage1_epochs=60, stage2_epochs=5, train_steps=10, w_cls=1.0, clean_frac=0.2,
+            eval_eps=(8 / 255, 16 / 255, 32 / 255),
+            attacks=("pgd", "ta-pgd", "autoattack"), aa_steps=10, aa_queries=250, rand_n=360, rand_eot=4,
+            rand_attacks=("pgd",), mae_epochs=80, mp_n=64, mp_oblivious_all=True,
             mp_eta=40 / 255, mp_mask_ratio=0.6,  # the best measured MAE-Pure schedule (README, recipes)
             mp_attack_steps=10, mp_eot=2, mp_aa_steps=5, mp_attacks=("pgd", "autoattack"), mimir=False)
 
@@ -184,11 +191,13 @@ def run_demo(out_dir: str | Path = "runs/demo", cfg: DemoConfig | None = None) -
     model = create_mae(cfg.preset, img_size=cfg.image_size)
     step = cfg.train_eps / 4 if cfg.train_steps > 1 else cfg.train_eps
     mcfg = MAEPConfig(
-        attack=AttackConfig(norm="linf", eps=cfg.train_eps, step_size=step, steps=cfg.train_steps),
+        attack=AttackConfig(norm="linf", eps=cfg.train_eps, step_size=step, steps=cfg.train_steps,
+                            eps_min=cfg.train_eps_min),
         stage1=LoopConfig(epochs=cfg.stage1_epochs, batch_size=cfg.batch_size, lr=2e-3, seed=cfg.seed,
                           progress=cfg.progress, desc="MAEP stage 1"),
         stage2=LoopConfig(epochs=cfg.stage2_epochs, batch_size=cfg.batch_size, lr=1e-3, warmup_epochs=0.5,
                           seed=cfg.seed + 1, progress=cfg.progress, desc="MAEP stage 2 (LoRA)"),
+        w_cls=cfg.w_cls, clean_frac=cfg.clean_frac,
     )
     history = train_maep(model, train, mcfg, classifier)
     model.eval()
@@ -216,8 +225,8 @@ def run_demo(out_dir: str | Path = "runs/demo", cfg: DemoConfig | None = None) -
     sections["maep"] = _sweep(cfg, classifier, purifier, ev, defense="MAEP", randomized=False,
                               threat_models=("oblivious", "adaptive-full-gradient"), eot=1, steps=cfg.eval_steps,
                               note=f"MAEP stage 1 {cfg.stage1_epochs} ep on PGD-{cfg.train_steps} pairs at eps "
-                                   f"{cfg.train_eps * 255:.0f}/255 (mask 0.5) + stage 2 {cfg.stage2_epochs} ep decoder "
-                                   "LoRA at mask 0; one deterministic pass at mask 0")
+                                   f"{_train_eps_words(cfg)} (mask 0.5) + stage 2 {cfg.stage2_epochs} ep decoder "
+                                   f"LoRA at mask 0; {_loss_words(cfg)}; one deterministic pass at mask 0")
     lap("eval_maep", t)
     # 2. MAEP with test-time randomness
     if cfg.maep_rand:
@@ -250,6 +259,14 @@ def run_demo(out_dir: str | Path = "runs/demo", cfg: DemoConfig | None = None) -
                                            f"{cfg.mp_step_size * 255:.0f}/255 halved after S/2, eta "
                                            f"{cfg.mp_eta * 255:.0f}/255, mask {cfg.mp_mask_ratio}, {cfg.mp_masks} "
                                            f"mask(s)/step; fixed subset of {len(ev_m)} test images")
+        if cfg.mp_oblivious_all and len(ev_m) < len(ev):
+            # the oblivious rows need no gradient through the purifier: all n_eval images
+            sections["mae_pure_all"] = _sweep(cfg, classifier, mp, ev, defense="MAE-Pure", randomized=True,
+                                              attacks=cfg.mp_attacks or cfg.attacks, threat_models=("oblivious",),
+                                              eot=1, steps=cfg.mp_attack_steps, aa_steps=cfg.mp_aa_steps,
+                                              note=sections["mae_pure"]["note"].replace(
+                                                  f"fixed subset of {len(ev_m)} test images",
+                                                  f"all {len(ev)} test images, oblivious only"))
         sections["mae_pure"]["amv"] = _amv(cfg, classifier, mae, mp, ev_m, out)
         lap("eval_mae_pure", t)
     vit = None
@@ -259,11 +276,18 @@ def run_demo(out_dir: str | Path = "runs/demo", cfg: DemoConfig | None = None) -
         sections["mimir"] = mimir_section
         lap("mimir", t)
 
-    rows = [r for sec in sections.values() for r in sec["rows"]]
+    if "mae_pure_all" in sections:  # all-images rows before the subset's
+        order = [k for k in sections if k != "mae_pure"]
+        order.insert(order.index("mae_pure_all") + 1, "mae_pure")
+        sections = {k: sections[k] for k in order}
+    rows = []
+    for sec in sections.values():
+        rows += [r for r in sec["rows"] if not (r["threat_model"] == "none" and any(
+            q["threat_model"] == "none" and (q["defense"], q["n"]) == (r["defense"], r["n"]) for q in rows))]
     sanity = [c for sec in sections.values() for c in sec.get("sanity", [])]
     table = markdown_table(rows)
     (out / "table.md").write_text(table + "\n")
-    pgd_rows = [r for k, sec in sections.items() if k != "mimir" for r in sec["rows"]
+    pgd_rows = [_plot_label(r, len(ev)) for k, sec in sections.items() if k != "mimir" for r in sec["rows"]
                 if r["attack"] in ("none", f"PGD-{cfg.eval_steps}", f"PGD-{cfg.mp_attack_steps}")]
     save_accuracy_vs_eps_plot(pgd_rows, out / "acc_vs_eps.png",
                               title=f"digits, L-inf, our PGD ({'full' if cfg.full else 'default'} demo)")
@@ -296,6 +320,28 @@ def run_demo(out_dir: str | Path = "runs/demo", cfg: DemoConfig | None = None) -
     print(f"\nseconds: {seconds}")
     print(f"wrote {out / 'metrics.json'}, {out / 'table.md'}, {out / 'acc_vs_eps.png'}, {out / 'grid.png'} and the checkpoints")
     return metrics
+
+
+def _plot_label(row: dict, n_all: int) -> dict:
+    """A subset's rows get their n in the legend, so they do not join the all-images line."""
+    if row["n"] < n_all and "(n=" not in row["defense"]:
+        return {**row, "defense": f"{row['defense']} (n={row['n']})"}
+    return row
+
+
+def _train_eps_words(cfg: DemoConfig) -> str:
+    if cfg.train_eps_min is None:
+        return f"{cfg.train_eps * 255:.0f}/255"
+    return f"U[{cfg.train_eps_min * 255:.0f}, {cfg.train_eps * 255:.0f}]/255 per batch"
+
+
+def _loss_words(cfg: DemoConfig) -> str:
+    words = "loss l1 + masked MSE (the paper's)"
+    if cfg.w_cls:
+        words += f" + {cfg.w_cls:g} x KL classifier guidance"
+    if cfg.clean_frac:
+        words += f", {cfg.clean_frac:.0%} clean inputs"
+    return words
 
 
 def _sweep(cfg: DemoConfig, classifier, purifier, ev, *, defense: str, randomized: bool, threat_models, eot: int,

@@ -100,7 +100,14 @@ def test_demo_full_code_path_on_tiny_settings(tmp_path):
     assert by_defense["MAEP"] == {"PGD-2", "torchattacks-PGD-2", "AutoAttack-standard"}
     assert by_defense["MAEP-rand"] == {"PGD-2"}
     assert by_defense["MAE-Pure"] == {"PGD-1", "AutoAttack-rand"}
-    assert all(r["n"] == {"MAEP": 8, "MAEP-rand": 4, "MAE-Pure": 4}.get(r["defense"], r["n"]) for r in rows)
+    assert all(r["n"] == {"MAEP": 8, "MAEP-rand": 4}.get(r["defense"], r["n"]) for r in rows)
+    # MAE-Pure: oblivious rows on all n_eval images, every threat model on the mp_n subset
+    mp_n = {(r["threat_model"], r["n"]) for r in rows if r["defense"] == "MAE-Pure"}
+    assert mp_n == {("none", 8), ("oblivious", 8), ("none", 4), ("oblivious", 4), ("adaptive-full-gradient", 4),
+                    ("bpda-eot", 4)}
+    clean = [(r["defense"], r["n"]) for r in rows if r["threat_model"] == "none"]
+    assert len(clean) == len(set(clean))  # each clean row once
+    assert m["config"]["w_cls"] == FULL["w_cls"] > 0 and "classifier guidance" in next(r for r in rows if r["defense"] == "MAEP")["note"]
     assert m["sanity"] and all({"check", "passed", "message"} <= set(c) for c in m["sanity"])
     for f in ("grid.png", "acc_vs_eps.png", "table.md", "metrics.json"):
         assert (tmp_path / f).is_file()
