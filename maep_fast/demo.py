@@ -115,17 +115,18 @@ QUICK = dict(classifier_epochs=1, stage1_epochs=1, stage2_epochs=1, train_steps=
              mimir_epochs=1, mimir_ft_clean_epochs=0, mimir_ft_epochs=1, mimir_ft_steps=1, mimir_n=32,
              mimir_train_n=128)
 
-# --full: the quality run (issue 15): MAEP stage 1 60 epochs on PGD-10 pairs with classifier guidance (w_cls 1,
-# 20 % clean inputs; the paper's loss alone reached oblivious clean - 8.6 at 90 epochs: README, recipes), a
+# --full: the quality run (issue 15): MAEP stage 1 60 epochs on PGD-10 pairs at a per-batch eps in [4, 28]/255
+# with classifier guidance (w_cls 1, 20 % clean inputs; the paper's loss alone at 16/255 reached oblivious
+# clean - 8.6 at 90 epochs: README, recipes), a
 # longer-pretrained plain MAE, eps 8/16/32 x {our PGD-20, torchattacks PGD-20, AutoAttack} for MAEP on all test
 # images. AutoAttack's budget is cut to fit 45 minutes on 2 cores (10 APGD / FAB iterations, 250 Square queries;
 # its defaults, 100 and 5000, would cost hours through a purifier on a CPU: one MAEP forward+backward on the 360
-# test images is ~0.75 s there). MAEP-rand: our PGD with EOT on all test images. MAE-Pure: oblivious rows on all
+# test images is ~0.75 s there). MAEP-rand (2 masks): our PGD with EOT 4 on all test images. MAE-Pure: oblivious rows on all
 # test images; its attacks through the purifier (our PGD-10 with EOT 2, AutoAttack-rand with 5 steps; each step
 # differentiates through 50 purification steps) on a fixed 64-image subset. Every row names attack, steps, EOT, n.
-FULL = dict(full=True, stage1_epochs=60, stage2_epochs=5, train_steps=10, w_cls=1.0, clean_frac=0.2,
-            eval_eps=(8 / 255, 16 / 255, 32 / 255),
-            attacks=("pgd", "ta-pgd", "autoattack"), aa_steps=10, aa_queries=250, rand_n=360, rand_eot=4,
+FULL = dict(full=True, stage1_epochs=60, stage2_epochs=5, train_steps=10, train_eps=28 / 255, train_eps_min=4 / 255,
+            w_cls=1.0, clean_frac=0.2, eval_eps=(8 / 255, 16 / 255, 32 / 255),
+            attacks=("pgd", "ta-pgd", "autoattack"), aa_steps=10, aa_queries=250, rand_n=360, rand_masks=2, rand_eot=4,
             rand_attacks=("pgd",), mae_epochs=80, mp_n=64, mp_oblivious_all=True,
             mp_eta=40 / 255, mp_mask_ratio=0.6,  # the best measured MAE-Pure schedule (README, recipes)
             mp_attack_steps=10, mp_eot=2, mp_aa_steps=5, mp_attacks=("pgd", "autoattack"), mimir=False)
