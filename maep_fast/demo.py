@@ -232,7 +232,8 @@ def run_demo(out_dir: str | Path = "runs/demo", cfg: DemoConfig | None = None) -
     # 2. MAEP with test-time randomness
     if cfg.maep_rand:
         t = time.perf_counter()
-        ev_r = test.subset(cfg.rand_n, seed=cfg.seed) if cfg.rand_n < len(test) else test
+        # a subset as large as ev is ev itself: rows with the same n are on the same images (the table dedup relies on it)
+        ev_r = ev if cfg.rand_n >= len(ev) else test.subset(cfg.rand_n, seed=cfg.seed)
         rnd = RandomizedMAEP(model, cfg.rand_mask_ratio, cfg.rand_masks)
         sections["maep_rand"] = _sweep(cfg, classifier, rnd, ev_r, defense=f"MAEP-rand", randomized=True,
                                        attacks=cfg.rand_attacks or cfg.attacks,
@@ -248,7 +249,7 @@ def run_demo(out_dir: str | Path = "runs/demo", cfg: DemoConfig | None = None) -
         from maep_fast.purify.mae_pure import MAEPure
 
         t = time.perf_counter()
-        ev_m = test.subset(cfg.mp_n, seed=cfg.seed) if cfg.mp_n < len(test) else test
+        ev_m = ev if cfg.mp_n >= len(ev) else test.subset(cfg.mp_n, seed=cfg.seed)
         mp = MAEPure(mae, steps=cfg.mp_steps, step_size=cfg.mp_step_size, halve_step=True, eta=cfg.mp_eta,
                      mask_ratio=cfg.mp_mask_ratio, n_masks=cfg.mp_masks)
         sections["mae_pure"] = _sweep(cfg, classifier, mp, ev_m, defense="MAE-Pure", randomized=True,
@@ -282,9 +283,9 @@ def run_demo(out_dir: str | Path = "runs/demo", cfg: DemoConfig | None = None) -
         order.insert(order.index("mae_pure_all") + 1, "mae_pure")
         sections = {k: sections[k] for k in order}
     rows = []
-    for sec in sections.values():
-        rows += [r for r in sec["rows"] if not (r["threat_model"] == "none" and any(
-            q["threat_model"] == "none" and (q["defense"], q["n"]) == (r["defense"], r["n"]) for q in rows))]
+    for sec in sections.values():  # each clean row once; the undefended baseline once per attack on the same images
+        rows += [r for r in sec["rows"] if not ((r["threat_model"] == "none" or r["defense"].startswith("no defense"))
+                                                and any(_same_row(q, r) for q in rows))]
     sanity = [c for sec in sections.values() for c in sec.get("sanity", [])]
     table = markdown_table(rows)
     (out / "table.md").write_text(table + "\n")
@@ -321,6 +322,11 @@ def run_demo(out_dir: str | Path = "runs/demo", cfg: DemoConfig | None = None) -
     print(f"\nseconds: {seconds}")
     print(f"wrote {out / 'metrics.json'}, {out / 'table.md'}, {out / 'acc_vs_eps.png'}, {out / 'grid.png'} and the checkpoints")
     return metrics
+
+
+def _same_row(a: dict, b: dict) -> bool:
+    keys = ("defense", "threat_model", "attack", "eps", "steps", "eot", "n", "seed")
+    return all(a.get(k) == b.get(k) for k in keys)
 
 
 def _plot_label(row: dict, n_all: int) -> dict:

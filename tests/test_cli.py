@@ -86,7 +86,7 @@ def test_demo_full_code_path_on_tiny_settings(tmp_path):
     from maep_fast.demo import FULL, QUICK, DemoConfig, run_demo
 
     cfg = DemoConfig(progress=False, **{**FULL, **QUICK, "mae_epochs": 1, "rand_eot": 2, "mp_eot": 1, "aa_steps": 1,
-                                        "aa_queries": 5, "mp_aa_steps": 1, "n_eval": 8, "rand_n": 4, "mp_n": 4})
+                                        "aa_queries": 5, "mp_aa_steps": 1, "n_eval": 8, "rand_n": 8, "mp_n": 4})
     m = run_demo(tmp_path, cfg)
     rows = m["rows"]
     assert {r["attack"] for r in rows} >= {"PGD-2", "torchattacks-PGD-2", "AutoAttack-standard", "AutoAttack-rand"}
@@ -100,13 +100,17 @@ def test_demo_full_code_path_on_tiny_settings(tmp_path):
     assert by_defense["MAEP"] == {"PGD-2", "torchattacks-PGD-2", "AutoAttack-standard"}
     assert by_defense["MAEP-rand"] == {"PGD-2"}
     assert by_defense["MAE-Pure"] == {"PGD-1", "AutoAttack-rand"}
-    assert all(r["n"] == {"MAEP": 8, "MAEP-rand": 4}.get(r["defense"], r["n"]) for r in rows)
+    assert all(r["n"] == {"MAEP": 8, "MAEP-rand": 8}.get(r["defense"], r["n"]) for r in rows)
     # MAE-Pure: oblivious rows on all n_eval images, every threat model on the mp_n subset
     mp_n = {(r["threat_model"], r["n"]) for r in rows if r["defense"] == "MAE-Pure"}
     assert mp_n == {("none", 8), ("oblivious", 8), ("none", 4), ("oblivious", 4), ("adaptive-full-gradient", 4),
                     ("bpda-eot", 4)}
     clean = [(r["defense"], r["n"]) for r in rows if r["threat_model"] == "none"]
     assert len(clean) == len(set(clean))  # each clean row once
+    base = [(r["attack"], r["eps"], r["n"]) for r in rows if r["defense"].startswith("no defense")]
+    assert len(base) == len(set(base))  # and each undefended baseline once
+    # MAEP and MAEP-rand attack the same 8 images here: one set of undefended PGD-2 rows serves both
+    assert sum(r["defense"] == "no defense" and r["attack"] == "PGD-2" for r in rows) == 3
     assert m["config"]["w_cls"] == FULL["w_cls"] > 0 and "classifier guidance" in next(r for r in rows if r["defense"] == "MAEP")["note"]
     assert m["sanity"] and all({"check", "passed", "message"} <= set(c) for c in m["sanity"])
     for f in ("grid.png", "acc_vs_eps.png", "table.md", "metrics.json"):
