@@ -136,11 +136,14 @@ def test_cli_train_with_guidance(tmp_path, capsys):
                  "--no-progress", "--out", str(tmp_path / "clf")]) == 0
     args = ["train", "--classifier", str(tmp_path / "clf"), "--image-size", "8", "--subset", "64", "--epochs", "1",
             "--stage2-epochs", "1", "--steps", "1", "--batch-size", "32", "--no-progress", "--w-cls", "1",
-            "--clean-frac", "0.2", "--out", str(tmp_path / "m")]
+            "--clean-frac", "0.2", "--eps", "28/255", "--eps-min", "4/255", "--out", str(tmp_path / "m")]
     assert main(args) == 0
     import json
     meta = json.loads((tmp_path / "m" / "maep" / "config.json").read_text())
     assert "kl_cls" in json.dumps(meta)
+    run = json.loads((tmp_path / "m" / "state_stage1" / "state.json").read_text())["run_config"]
+    assert abs(run["attack"]["eps_min"] - 4 / 255) < 1e-9 and abs(run["attack"]["eps"] - 28 / 255) < 1e-9
+    assert run["w_cls"] == 1.0 and run["clean_frac"] == 0.2
     capsys.readouterr()
     bad = [a if a != "1" or args[i - 1] != "--w-cls" else "-1" for i, a in enumerate(args)]
     assert main([*bad[:-1], str(tmp_path / "bad")]) != 0
@@ -189,3 +192,4 @@ def test_plain_attack_config_keeps_the_old_run_config():
     assert "eps_min" not in plain["attack"]
     ranged = _run_config("stage1", MAEPConfig(attack=AttackConfig(eps_min=0.0)), tiny_mae(), LoopConfig())
     assert ranged["attack"]["eps_min"] == 0.0
+
