@@ -10,8 +10,8 @@ reconstructing the *clean* image; the paper does not publish the weights,
 both are parameters). Adversarial pairs come from PGD against a frozen
 classifier, made online per batch, or from a precomputed tensor set.
 
-Two options beyond the paper, both off by default (``w_cls = 0``,
-``clean_frac = 0`` is the published loss):
+Three options beyond the paper, all off by default (``w_cls = 0``,
+``clean_frac = 0``, ``AttackConfig.eps_min = None`` is the published recipe):
 
 * ``w_cls``: classifier guidance, ``+ w_cls * KL(f(x) || f(clamp(P(x_adv))))``
   with the frozen classifier f (the high-level guided loss of HGD, Liao et
@@ -19,6 +19,8 @@ Two options beyond the paper, both off by default (``w_cls = 0``,
   is what brings the oblivious accuracy near clean (README, recipes).
 * ``clean_frac``: that fraction of each batch is purified from the clean
   image (x -> x pairs), so clean inputs stay as they were.
+* ``AttackConfig.eps_min``: each batch's training eps is drawn from
+  [eps_min, eps], so the purifier undoes perturbations of every size in it.
 
 Stage 2 ("train-test discrepancy"): LoRA adapters on the decoder only, the
 rest frozen, trained at mask ratio 0 (the test-time setting), then merged.
