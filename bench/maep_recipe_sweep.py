@@ -9,7 +9,7 @@ purifier. Appends one JSON line to ``--out``.
     OMP_NUM_THREADS=1 python3 bench/maep_recipe_sweep.py --classifier runs/demo_full/classifier \\
         --name guided60 --epochs 60 --w-cls 1 --clean-frac 0.2 --train-eps 28 --eps-min 4
 
-(the README's recipe table ran two of these side by side on the 2-core machine, one thread each).
+(the recipe table in docs/results.md ran two of these side by side on the 2-core machine, one thread each).
 """
 from __future__ import annotations
 

@@ -4,8 +4,8 @@
 // The ops record their graph the way torch's generated VariableType code does: one Node
 // subclass with SavedVariable and plain members, next edges from the inputs, history on the
 // output. Recording through a torch::autograd::Function instead (CppNode + AutogradContext +
-// saved_data hash map + _wrap_outputs) cost about 1.3 us more per call on a tiny CPU tensor,
-// a torch.add, which the ops' host-cost budget of issue #11 could not hold.
+// saved_data hash map + _wrap_outputs) costs about one more torch.add of host time per call
+// on a small tensor, more than the ops' host-cost budget (a few torch.adds per call) allows.
 //
 // torch < 2.13 holds Nodes in std::shared_ptr (made with torch::autograd::deleteNode, which
 // frees long chains without recursing), torch >= 2.13 in c10::intrusive_ptr.

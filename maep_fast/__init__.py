@@ -15,10 +15,12 @@ from maep_fast.models.mae_import import load_pretrained_mae, mae_from_checkpoint
 from maep_fast.models.presets import PRESETS, create_mae
 from maep_fast.purify.mae_pure import MAEPure
 from maep_fast.purify.maep import PurifiedClassifier, Purifier
+from maep_fast.purify.randomized import RandomizedMAEP
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "CheckpointError", "MAEPure", "MaskedAutoencoderViT", "PRESETS", "PurifiedClassifier", "Purifier", "SmallCNN",
-    "WideResNet", "create_mae", "load_model", "load_pretrained_mae", "mae_from_checkpoint", "native_available", "pgd_attack", "save_model", "__version__",
+    "CheckpointError", "MAEPure", "MaskedAutoencoderViT", "PRESETS", "PurifiedClassifier", "Purifier",
+    "RandomizedMAEP", "SmallCNN", "WideResNet", "create_mae", "load_model", "load_pretrained_mae",
+    "mae_from_checkpoint", "native_available", "pgd_attack", "save_model", "__version__",
 ]

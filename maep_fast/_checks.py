@@ -7,6 +7,7 @@ kernel launch.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Iterable, Sequence
 
 import torch
@@ -109,3 +110,45 @@ def check_ratio(v: object, name: str) -> float:
     if not v < 1.0:
         raise ValueError(f"{name} must be in [0, 1), got {v}")
     return v
+
+
+def check_int(v: object, name: str, *, low: int | None = None) -> int:
+    """An int (numpy ints too, never a bool) that is ``>= low``; ValueError naming ``name`` otherwise."""
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+        raise ValueError(f"{name} must be an int, got {v!r}")
+    if low is not None and v < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {v!r}")
+    return int(v)
+
+
+def check_real(v: object, name: str, *, low: float | None = None, high: float | None = None,
+               low_open: bool = False, high_open: bool = False) -> float:
+    """A finite real number (never a bool) in the interval given by ``low`` / ``high`` (closed
+    unless ``low_open`` / ``high_open``); ValueError naming ``name`` otherwise."""
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        raise ValueError(f"{name} must be a number, got {v!r}")
+    v = float(v)
+    if v != v or abs(v) == math.inf:
+        raise ValueError(f"{name} must be finite, got {v}")
+    too_low = low is not None and (v <= low if low_open else v < low)
+    too_high = high is not None and (v >= high if high_open else v > high)
+    if too_low or too_high:
+        raise ValueError(f"{name} must be {interval_text(low, high, low_open, high_open)}, got {v:g}")
+    return v
+
+
+def check_bool(v: object, name: str) -> bool:
+    if not isinstance(v, bool):
+        raise ValueError(f"{name} must be a bool (True or False), got {v!r}")
+    return v
+
+
+def interval_text(low: float | None, high: float | None, low_open: bool = False, high_open: bool = False) -> str:
+    """'>= 0', '> 0', 'in [0, 1)', ... for error messages."""
+    if low is not None and high is not None:
+        return f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    if low is not None:
+        return f"{'>' if low_open else '>='} {low:g}"
+    if high is not None:
+        return f"{'<' if high_open else '<='} {high:g}"
+    return "a number"

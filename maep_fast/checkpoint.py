@@ -9,7 +9,11 @@ every tensor name and shape, and reports all mismatches at once.
 """
 from __future__ import annotations
 
+import inspect
 import json
+import math
+import types
+import typing
 from pathlib import Path
 
 import torch
@@ -18,6 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from maep_fast._ranks import is_main_process
+from maep_fast.errors import CheckpointError  # re-exported: maep_fast.checkpoint.CheckpointError
 from maep_fast.models.classifiers import CLASSIFIERS
 from maep_fast.models.mae import MaskedAutoencoderViT
 
@@ -25,10 +30,6 @@ FORMAT = "maep_fast"
 FORMAT_VERSION = 1
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint is missing, corrupt, or does not match its model."""
 
 
 def _kind_and_arch(model: nn.Module) -> tuple[str, str]:
@@ -67,6 +68,9 @@ def save_model(model: nn.Module, path: str | Path, meta: dict | None = None) -> 
 
 def read_config(path: str | Path) -> dict:
     path = Path(path)
+    if path.is_file():
+        raise CheckpointError(f"{str(path)!r} is a file, not a checkpoint directory (a maep_fast checkpoint is a "
+                              f"directory holding {CONFIG_NAME} and {WEIGHTS_NAME})")
     if not path.is_dir():
         raise CheckpointError(f"checkpoint directory {str(path)!r} does not exist")
     cfg_path = path / CONFIG_NAME
@@ -88,6 +92,54 @@ def read_config(path: str | Path) -> dict:
     return cfg
 
 
+def _type_name(hint: object) -> str:
+    """'an int', 'a number', 'a list of numbers', 'a bool or null', ... for a constructor annotation."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        names = [_type_name(a) for a in args if a is not type(None)]
+        return " or ".join(names) + (" or null" if type(None) in args else "")
+    if typing.get_origin(hint) in (tuple, list):
+        return "a list of " + {int: "ints", float: "numbers", bool: "bools", str: "strings"}.get(args[0], "values")
+    return {int: "an int", float: "a number", bool: "a bool (true or false)", str: "a string"}.get(hint, "a value")
+
+
+def _fits(value: object, hint: object) -> bool:
+    """Whether a JSON value fits a constructor annotation (int, float, bool, str, X | None, tuple[X, ...])."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, a) for a in typing.get_args(hint))
+    if origin in (tuple, list):
+        item = typing.get_args(hint)[0]
+        return isinstance(value, list) and all(_fits(v, item) for v in value)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if hint is str:
+        return isinstance(value, str)
+    return True
+
+
+def check_config_fields(cls: type, config: dict, source: str = CONFIG_NAME) -> None:
+    """Every field of a checkpoint's 'config' must be an argument of ``cls`` of the annotated type
+    (ints >= 0); CheckpointError naming the field otherwise."""
+    params = inspect.signature(cls.__init__).parameters
+    hints = typing.get_type_hints(cls.__init__)
+    for key, value in config.items():
+        if key not in params or key == "self":
+            raise CheckpointError(f"{source}: config.json field {key!r} is not an argument of {cls.__name__} "
+                                  f"(its arguments: {[p for p in params if p != 'self']})")
+        hint = hints.get(key)
+        if hint is not None and not _fits(value, hint):
+            raise CheckpointError(f"{source}: config.json field {key!r} must be {_type_name(hint)}, got {value!r}")
+        if hint is int and value < 0:
+            raise CheckpointError(f"{source}: config.json field {key!r} must be an int >= 0, got {value!r}")
+
+
 def _build(cfg: dict, source: str) -> nn.Module:
     arch, kind = cfg["arch"], cfg["kind"]
     if kind == "mae" and arch == "MaskedAutoencoderViT":
@@ -96,9 +148,10 @@ def _build(cfg: dict, source: str) -> nn.Module:
         cls = CLASSIFIERS[arch]
     else:
         raise CheckpointError(f"{source}: unknown kind/arch {kind!r}/{arch!r}")
+    check_config_fields(cls, cfg["config"], source)
     try:
         return cls(**cfg["config"])
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, ZeroDivisionError, RuntimeError) as exc:
         raise CheckpointError(f"{source}: config does not build a {arch}: {exc}") from None
 
 

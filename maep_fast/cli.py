@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from fractions import Fraction
 from pathlib import Path
@@ -20,9 +21,96 @@ from pathlib import Path
 
 def _number(text: str) -> float:
     try:
-        return float(Fraction(text)) if "/" in text else float(text)
+        v = float(Fraction(text)) if "/" in text else float(text)
     except (ValueError, ZeroDivisionError):
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return v
+
+
+def _number_in(low: float | None = None, high: float | None = None, *, low_open: bool = False,
+               high_open: bool = False):
+    """argparse type: a finite number (fractions such as 8/255 too) in the interval given by
+    ``low`` / ``high`` (closed unless ``low_open`` / ``high_open``)."""
+    from maep_fast._checks import interval_text
+
+    def parse(text: str) -> float:
+        v = _number(text)
+        if (low is not None and (v <= low if low_open else v < low)) or \
+                (high is not None and (v >= high if high_open else v > high)):
+            raise argparse.ArgumentTypeError(f"must be {interval_text(low, high, low_open, high_open)}, got {text}")
+        return v
+
+    return parse
+
+
+def _int_from(low: int):
+    """argparse type: an int >= ``low``."""
+
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an int, got {text!r}") from None
+        if v < low:
+            raise argparse.ArgumentTypeError(f"must be an int >= {low}, got {text}")
+        return v
+
+    return parse
+
+
+_COUNT = _int_from(0)  # steps, epochs, subset sizes, seeds (0 allowed)
+_POSITIVE_INT = _int_from(1)  # batch sizes, image sizes, EOT samples
+_NONNEG = _number_in(0)  # eps, step sizes, loss weights
+_POSITIVE = _number_in(0, low_open=True)  # learning rates
+_OPEN_RATIO = _number_in(0, 1, low_open=True, high_open=True)  # MAE mask ratios (some patch removed, some kept)
+_RATIO = _number_in(0, 1, high_open=True)  # MAEP mask ratio, clean fraction
+
+
+def _device_name(text: str) -> str:
+    """argparse type: auto, cpu, cuda or cuda:N, and CUDA only when a CUDA device exists."""
+    if text == "auto":
+        return text
+    import torch
+
+    try:
+        dev = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"not a device: {text!r}; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r} requested but no CUDA device is available")
+    return text
+
+
+class _Parser(argparse.ArgumentParser):
+    """Reports a bad command line as one line ``PROG: error: MESSAGE`` and exits 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _check_out_path(path: Path, flag: str, *, directory: bool) -> None:
+    """Refuse, before any work, an output path that cannot be written: an existing file where
+    a directory is wanted, an existing directory where a file is wanted, or a file on the way."""
+    if directory and path.exists() and not path.is_dir():
+        raise ValueError(f"{flag} {str(path)!r} is an existing file, not a directory")
+    if not directory and path.is_dir():
+        raise ValueError(f"{flag} {str(path)!r} is a directory; give a file path")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(f"{flag} {str(path)!r}: {str(parent)!r} is a file, not a directory")
+            break
+
+
+def _error_text(exc: BaseException) -> str:
+    """One line describing ``exc``."""
+    if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:
+        text = f"{exc.strerror}: {str(exc.filename)!r}"
+    else:
+        text = str(exc) or type(exc).__name__
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())
 
 
 def _device(name: str):
@@ -41,9 +129,9 @@ def _add_data_args(p: argparse.ArgumentParser, split: str) -> None:
                    help="data set (digits is embedded; the others read local files, never download)")
     p.add_argument("--root", default=None, help="local directory of cifar10/cifar100/folder data")
     p.add_argument("--split", default=split, choices=["train", "test"])
-    p.add_argument("--image-size", type=int, default=None, help="resize images to this square size")
+    p.add_argument("--image-size", type=_POSITIVE_INT, default=None, help="resize images to this square size")
     if split == "train":
-        p.add_argument("--subset", type=int, default=0,
+        p.add_argument("--subset", type=_COUNT, default=0,
                        help="train on a fixed random subset of this many samples (seed 0, whatever --seed); 0 = all")
 
 
@@ -61,13 +149,13 @@ def _load_data(args):
 
 
 def _loop_args(p: argparse.ArgumentParser, epochs: int, lr: float) -> None:
-    p.add_argument("--epochs", type=int, default=epochs)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=lr)
-    p.add_argument("--seed", type=int, default=0, help="seeds model init, data order, masks and attacks")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--epochs", type=_COUNT, default=epochs)
+    p.add_argument("--batch-size", type=_POSITIVE_INT, default=128)
+    p.add_argument("--lr", type=_POSITIVE, default=lr)
+    p.add_argument("--seed", type=_COUNT, default=0, help="seeds model init, data order, masks and attacks")
+    p.add_argument("--device", type=_device_name, default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--snapshot-every", type=int, default=0,
+    p.add_argument("--snapshot-every", type=_COUNT, default=0,
                    help="also write a resumable snapshot every N optimizer steps (default: after each epoch only)")
 
 
@@ -128,13 +216,21 @@ def cmd_train(args) -> int:
     _seed(args)
     ds = _load_data(args)
     c, h, _ = ds.image_shape
-    model = create_mae(args.preset, img_size=h, in_chans=c).to(device)
+    if args.init:
+        model = load_model(args.init, expect_kind="mae", map_location=device)
+        if model.config["img_size"] != h or model.config["in_chans"] != c:
+            raise ValueError(f"--init {args.init} is a {model.config['in_chans']}x{model.config['img_size']} model, "
+                             f"the data is {c}x{h}")
+    else:
+        model = create_mae(args.preset, img_size=h, in_chans=c).to(device)
     out = Path(args.out)
     progress = not args.no_progress
     cfg = MAEPConfig(
         mask_ratio=args.mask_ratio, w_pur=args.w_pur, w_mae=args.w_mae,
         attack=AttackConfig(norm=args.norm, eps=args.eps, step_size=args.step_size, steps=args.steps,
-                            eps_min=args.eps_min),
+                            eps_min=args.eps_min, target=args.attack_target, classifier_frac=args.classifier_frac,
+                            purifier_mask_ratio=args.purifier_mask_ratio, purifier_masks=args.purifier_masks,
+                            eot=args.attack_eot),
         stage1=LoopConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, progress=progress,
                           desc="MAEP stage 1", state_dir=str(out / "state_stage1"), resume=args.resume,
                           snapshot_every=args.snapshot_every),
@@ -208,16 +304,69 @@ def cmd_pretrain(args) -> int:
     return 0
 
 
+def cmd_mimir(args) -> int:
+    from maep_fast.checkpoint import save_model
+    from maep_fast.train.classifier import accuracy
+    from maep_fast.train.mimir import MIMIRRecipe, train_mimir_vit
+
+    device = _device(args.device)
+    _seed(args)  # train_mimir_vit seeds again with --seed before it builds the model
+    ds = _load_data(args)
+    c, h, _ = ds.image_shape
+    checks = [
+        (args.patch_size >= 1 and h % args.patch_size == 0,
+         f"--patch-size {args.patch_size} must divide the image size {h}"),
+        (args.embed_dim >= 1 and args.num_heads >= 1 and args.embed_dim % args.num_heads == 0,
+         f"--embed-dim {args.embed_dim} must be a positive multiple of --num-heads {args.num_heads}"),
+        (args.depth >= 1, f"--depth must be >= 1, got {args.depth}"),
+        (args.pretrain_epochs >= 0, f"--pretrain-epochs must be >= 0, got {args.pretrain_epochs}"),
+        (args.epochs >= 0, f"--epochs must be >= 0, got {args.epochs}"),
+        (args.batch_size >= 1, f"--batch-size must be >= 1, got {args.batch_size}"),
+        (args.steps >= 0, f"--steps must be >= 0, got {args.steps}"),
+        (args.eps >= 0, f"--eps must be >= 0, got {args.eps}"),
+        (args.pretrain_eps >= 0, f"--pretrain-eps must be >= 0, got {args.pretrain_eps}"),
+        (args.eps_start is None or 0 <= args.eps_start <= args.eps,
+         f"--eps-start {args.eps_start} must be in [0, --eps {args.eps}]"),
+        (0 <= args.ramp_frac <= 1, f"--ramp-frac must be in [0, 1], got {args.ramp_frac}"),
+        (args.trades_beta is None or args.trades_beta >= 0, f"--trades-beta must be >= 0, got {args.trades_beta}"),
+        (0 < args.mask_ratio < 1, f"--mask-ratio must be in (0, 1), got {args.mask_ratio}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
+    recipe = MIMIRRecipe(
+        pretrain=args.pretrain, img_size=h, in_chans=c, num_classes=ds.num_classes, patch_size=args.patch_size,
+        embed_dim=args.embed_dim, depth=args.depth, num_heads=args.num_heads, mask_ratio=args.mask_ratio,
+        pretrain_epochs=args.pretrain_epochs, pretrain_lr=args.pretrain_lr, pretrain_eps=args.pretrain_eps,
+        mi_weight=args.mi_weight, finetune_epochs=args.epochs, finetune_lr=args.lr, eps=args.eps,
+        eps_start=args.eps_start, ramp_frac=args.ramp_frac, steps=args.steps, alpha=args.alpha,
+        trades_beta=args.trades_beta, batch_size=args.batch_size, seed=args.seed)
+    out = Path(args.out)
+    vit, mae, info = train_mimir_vit(ds, recipe, state_dir=out, resume=args.resume,
+                                     snapshot_every=args.snapshot_every, progress=not args.no_progress, device=device)
+    acc = accuracy(vit, ds.images, ds.labels)
+    meta = {"data": args.data, "image_size": h, "trained": recipe.describe(), "recipe": info["recipe"],
+            "train_accuracy": acc, "seconds": info["seconds"], "pretrain_history": info["pretrain_history"],
+            "finetune_history": info["finetune_history"]}
+    save_model(vit, out / "vit", meta=meta)
+    if args.pretrain != "none":
+        save_model(mae, out / "mae", meta={"data": args.data, "image_size": h, "trained": f"{args.pretrain} pretraining "
+                                           f"{args.pretrain_epochs} epochs", "history": info["pretrain_history"]})
+    print(f"{recipe.describe()}\ntrain accuracy {100 * acc:.2f}%; saved the ViT classifier to {out / 'vit'}"
+          f" (evaluate: maep-fast eval --classifier {out / 'vit'} --attack ta-pgd --eps 8/255)")
+    return 0
+
+
 def _add_mae_pure_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("MAE-Pure (test-time loss descent; defaults: published CIFAR-10 values, eta ours)")
-    g.add_argument("--mp-steps", type=int, default=150, help="iterations S (published 150)")
-    g.add_argument("--mp-step-size", type=_number, default=1 / 255, help="step lambda (published 1/255, halved after S/2)")
+    g.add_argument("--mp-steps", type=_COUNT, default=150, help="iterations S (published 150)")
+    g.add_argument("--mp-step-size", type=_NONNEG, default=1 / 255, help="step lambda (published 1/255, halved after S/2)")
     g.add_argument("--mp-no-halve", action="store_true", help="do not halve the step after S/2")
-    g.add_argument("--mp-eta", type=_number, default=8 / 255, help="L-inf clip radius (not published; our default 8/255)")
-    g.add_argument("--mp-mask-ratio", type=float, default=0.25, help="mask ratio (published 0.25 CIFAR-10, 0.20 ImageNet)")
-    g.add_argument("--mp-masks", type=int, default=1, help="random masks averaged per step (not published)")
-    g.add_argument("--mp-early-stop", type=float, default=None, help="per-sample tolerance on the loss change")
-    g.add_argument("--mp-seed", type=int, default=None, help="seed the masks (deterministic purifier); default random")
+    g.add_argument("--mp-eta", type=_NONNEG, default=8 / 255, help="L-inf clip radius (not published; our default 8/255)")
+    g.add_argument("--mp-mask-ratio", type=_OPEN_RATIO, default=0.25, help="mask ratio (published 0.25 CIFAR-10, 0.20 ImageNet)")
+    g.add_argument("--mp-masks", type=_POSITIVE_INT, default=1, help="random masks averaged per step (not published)")
+    g.add_argument("--mp-early-stop", type=_NONNEG, default=None, help="per-sample tolerance on the loss change")
+    g.add_argument("--mp-seed", type=_COUNT, default=None, help="seed the masks (deterministic purifier); default random")
 
 
 def _mae_pure(model, args):
@@ -233,6 +382,12 @@ def cmd_purify(args) -> int:
     from maep_fast.data import load_images, save_images
     from maep_fast.purify.maep import Purifier
 
+    paths = [Path(p) for p in args.inputs]
+    for p in paths:
+        if not p.is_file():
+            raise ValueError(f"input {str(p)!r} {'is a directory, not an image file' if p.is_dir() else 'does not exist'}")
+    out = Path(args.out_dir)
+    _check_out_path(out, "--out-dir", directory=True)
     device = _device(args.device)
     if args.method == "mae-pure":
         purifier = _mae_pure(load_model(args.purifier, expect_kind="mae", map_location=device), args)
@@ -241,10 +396,8 @@ def cmd_purify(args) -> int:
     else:
         purifier = Purifier.from_checkpoint(args.purifier, map_location=device, batch_size=args.batch_size)
         image_size = args.image_size
-    paths = [Path(p) for p in args.inputs]
     x = load_images(paths, channels=purifier.model.in_chans, image_size=image_size).to(device)
     y = purifier.purify(x)
-    out = Path(args.out_dir)
     written = save_images(y.cpu(), [out / (p.stem + ".png") for p in paths])
     print(f"purified {len(written)} image(s) into {out}")
     return 0
@@ -252,9 +405,23 @@ def cmd_purify(args) -> int:
 
 def cmd_eval(args) -> int:
     from maep_fast.checkpoint import load_model
-    from maep_fast.evaluate import AttackSpec, evaluate, format_table
+    from maep_fast.evaluate import THREAT_MODELS, AttackSpec, evaluate, format_table
     from maep_fast.purify.maep import Purifier
 
+    if args.eps_sweep is not None:
+        try:
+            sweep = [_NONNEG(e) for e in args.eps_sweep.split(",") if e.strip()]
+        except argparse.ArgumentTypeError as exc:
+            raise ValueError(f"--eps-sweep: every eps {exc}") from None
+        if not sweep:
+            raise ValueError(f"--eps-sweep must list at least one eps, got {args.eps_sweep!r}")
+    if args.threat_models is not None:
+        bad = [t for t in (t.strip() for t in args.threat_models.split(",")) if t and t not in THREAT_MODELS]
+        if bad:
+            raise ValueError(f"--threat-models: unknown {bad}; choose from {', '.join(THREAT_MODELS)}")
+    for flag, path in (("--out", args.out), ("--plot", args.plot)):
+        if path:
+            _check_out_path(Path(path), flag, directory=False)
     device = _device(args.device)
     classifier = load_model(args.classifier, expect_kind="classifier", map_location=device)
     if args.purifier and args.purifier_kind == "mae-pure":
@@ -308,7 +475,7 @@ def _eval_threat_models(args, classifier, purifier, ds) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="maep-fast", description=__doc__.split("\n")[0])
+    ap = _Parser(prog="maep-fast", description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("demo", help="train and evaluate MAEP on the embedded digits (CPU, a few minutes)")
@@ -317,7 +484,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--full", action="store_true",
                    help="the quality run: longer training, eps 8/16/32, our PGD-20 + torchattacks PGD-20 + AutoAttack, "
                         "full table, accuracy-vs-eps plot, labelled image grid")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_COUNT, default=0)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_demo)
 
@@ -325,8 +492,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(p, "train")
     _loop_args(p, epochs=15, lr=2e-3)
     p.add_argument("--arch", default="SmallCNN", choices=["SmallCNN", "WideResNet"])
-    p.add_argument("--depth", type=int, default=28)
-    p.add_argument("--widen", type=int, default=10)
+    p.add_argument("--depth", type=_int_from(4), default=28)
+    p.add_argument("--widen", type=_POSITIVE_INT, default=10)
     p.add_argument("--out", required=True, help="checkpoint directory")
     p.add_argument("--resume", action="store_true")
     p.set_defaults(func=cmd_train_classifier)
@@ -340,10 +507,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "(facebookresearch/mae .pth, timm); with --train decoder its encoder stays as published")
     p.add_argument("--train", default="all", choices=["all", "decoder"],
                    help="all: the whole MAE; decoder: freeze the encoder, train only the decoder parts")
-    p.add_argument("--mask-ratio", type=float, default=0.75, help="MAE's mask ratio (default 0.75)")
+    p.add_argument("--mask-ratio", type=_OPEN_RATIO, default=0.75, help="MAE's mask ratio (default 0.75)")
     p.add_argument("--norm-pix-loss", default="auto", choices=["auto", "on", "off"],
                    help="per-patch normalized target (auto: the preset's / --init model's setting)")
-    p.add_argument("--warmup-epochs", type=float, default=2.0)
+    p.add_argument("--warmup-epochs", type=_NONNEG, default=2.0)
     p.add_argument("--out", required=True, help="output directory (checkpoint in OUT/mae, snapshots in OUT/state)")
     p.add_argument("--resume", action="store_true")
     p.set_defaults(func=cmd_pretrain)
@@ -354,34 +521,76 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="demo", help="model preset (see maep_fast.PRESETS)")
     p.add_argument("--classifier", help="classifier checkpoint to attack for online adversarial pairs")
     p.add_argument("--pairs", help="precomputed pairs: a safetensors file with clean, adversarial, labels")
-    p.add_argument("--stage2-epochs", type=int, default=5)
-    p.add_argument("--mask-ratio", type=float, default=0.5)
-    p.add_argument("--w-pur", type=float, default=1.0, help="weight of the l1 purification loss")
-    p.add_argument("--w-mae", type=float, default=1.0, help="weight of the masked MSE loss")
-    p.add_argument("--w-cls", type=float, default=0.0,
+    p.add_argument("--stage2-epochs", type=_COUNT, default=5)
+    p.add_argument("--mask-ratio", type=_RATIO, default=0.5)
+    p.add_argument("--w-pur", type=_NONNEG, default=1.0, help="weight of the l1 purification loss")
+    p.add_argument("--w-mae", type=_NONNEG, default=1.0, help="weight of the masked MSE loss")
+    p.add_argument("--w-cls", type=_NONNEG, default=0.0,
                    help="classifier guidance: weight of KL(f(x) || f(P(x_adv))) with the --classifier f (not in the "
                         "MAEP paper; 0 = the published loss)")
-    p.add_argument("--clean-frac", type=float, default=0.0,
+    p.add_argument("--clean-frac", type=_RATIO, default=0.0,
                    help="fraction of each batch purified from the clean image (x -> x pairs)")
     p.add_argument("--norm", default="linf", choices=["linf", "l2"])
-    p.add_argument("--eps", type=_number, default=8 / 255)
-    p.add_argument("--step-size", type=_number, default=2 / 255)
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--eps-min", type=_number, default=None,
+    p.add_argument("--eps", type=_NONNEG, default=8 / 255)
+    p.add_argument("--step-size", type=_NONNEG, default=2 / 255)
+    p.add_argument("--steps", type=_COUNT, default=10)
+    p.add_argument("--eps-min", type=_NONNEG, default=None,
                    help="draw each batch's eps uniformly from [eps-min, eps] (step size scaled with it)")
-    p.add_argument("--lora-rank", type=int, default=8)
-    p.add_argument("--lora-alpha", type=float, default=16.0)
+    p.add_argument("--attack-target", default="classifier", choices=["classifier", "defended"],
+                   help="what the training PGD attacks: classifier (the paper) or defended = classifier(purifier(x)) "
+                        "with the purifier's current weights (adversarial training through the purifier; needs "
+                        "--w-cls > 0)")
+    p.add_argument("--classifier-frac", type=_number_in(0, 1), default=0.0,
+                   help="with --attack-target defended: share of batches that still get classifier-only pairs")
+    p.add_argument("--purifier-mask-ratio", type=_RATIO, default=0.0,
+                   help="with --attack-target defended: the purifier the attack sees runs at this mask ratio "
+                        "(0 = one MAEP pass; > 0 = the mean of --purifier-masks random-mask reconstructions)")
+    p.add_argument("--purifier-masks", type=_POSITIVE_INT, default=1,
+                   help="random-mask reconstructions averaged (see --purifier-mask-ratio)")
+    p.add_argument("--attack-eot", type=_POSITIVE_INT, default=1,
+                   help="with --attack-target defended: gradient samples averaged per PGD step (EOT)")
+    p.add_argument("--init", default=None, help="start from this MAEP / MAE checkpoint instead of a fresh preset")
+    p.add_argument("--lora-rank", type=_POSITIVE_INT, default=8)
+    p.add_argument("--lora-alpha", type=_NONNEG, default=16.0)
     p.add_argument("--out", required=True, help="output directory (checkpoint in OUT/maep)")
     p.add_argument("--resume", action="store_true")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("mimir", help="MIMIR: adversarial MAE pretraining + adversarial finetuning of a ViT classifier")
+    _add_data_args(p, "train")
+    _loop_args(p, epochs=15, lr=1e-3)
+    p.set_defaults(batch_size=64)
+    p.add_argument("--pretrain", default="mimir", choices=["mimir", "mae", "none"],
+                   help="mimir: MIMIR pretraining; mae: plain MAE pretraining; none: adversarial training from scratch")
+    p.add_argument("--pretrain-epochs", type=int, default=20)
+    p.add_argument("--pretrain-lr", type=float, default=1.5e-3)
+    p.add_argument("--pretrain-eps", type=_number, default=8 / 255, help="MIMIR's PGD_MAE radius (alpha 10/8 of it)")
+    p.add_argument("--mi-weight", type=float, default=1e-5, help="weight of MIMIR's HSIC penalty (published 1e-5)")
+    p.add_argument("--mask-ratio", type=float, default=0.75)
+    p.add_argument("--patch-size", type=int, default=4)
+    p.add_argument("--embed-dim", type=int, default=96)
+    p.add_argument("--depth", type=int, default=4)
+    p.add_argument("--num-heads", type=int, default=4)
+    p.add_argument("--eps", type=_number, default=8 / 255, help="finetuning eps (L-inf)")
+    p.add_argument("--eps-start", type=lambda t: None if t.lower() == "none" else _number(t), default=0.0,
+                   help="ramp the finetuning eps from this value up to --eps ('none': no ramp)")
+    p.add_argument("--ramp-frac", type=float, default=0.3, help="fraction of the finetuning steps the eps ramp takes")
+    p.add_argument("--steps", type=int, default=3, help="PGD steps of the finetuning attack")
+    p.add_argument("--alpha", type=_number, default=None, help="PGD step size (default 2.5 * eps / steps)")
+    p.add_argument("--trades-beta", type=lambda t: None if t.lower() == "none" else float(t), default=6.0,
+                   help="TRADES beta; 'none': PGD-AT (Madry)")
+    p.add_argument("--out", required=True,
+                   help="output directory (ViT classifier in OUT/vit, pretrained MAE in OUT/mae, snapshots in OUT/state_*)")
+    p.add_argument("--resume", action="store_true")
+    p.set_defaults(func=cmd_mimir)
 
     p = sub.add_parser("purify", help="purify image files, write PNGs")
     p.add_argument("--purifier", required=True, help="MAEP checkpoint directory")
     p.add_argument("inputs", nargs="+", help="image files")
     p.add_argument("--out-dir", required=True)
-    p.add_argument("--image-size", type=int, default=None, help="resize inputs to this size first")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--image-size", type=_POSITIVE_INT, default=None, help="resize inputs to this size first")
+    p.add_argument("--batch-size", type=_POSITIVE_INT, default=256)
+    p.add_argument("--device", type=_device_name, default="auto")
     p.add_argument("--method", default="maep", choices=["maep", "mae-pure"],
                    help="maep: one forward pass of a MAEP checkpoint; mae-pure: test-time loss descent with any MAE")
     _add_mae_pure_args(p)
@@ -391,14 +600,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(p, "test")
     p.add_argument("--classifier", required=True)
     p.add_argument("--purifier", default=None)
-    p.add_argument("--n", type=int, default=0, help="evaluate on a seeded random subset of this size (0 = all)")
+    p.add_argument("--n", type=_COUNT, default=0, help="evaluate on a seeded random subset of this size (0 = all)")
     p.add_argument("--norm", default="linf", choices=["linf", "l2"])
-    p.add_argument("--eps", type=_number, default=8 / 255)
-    p.add_argument("--step-size", type=_number, default=None, help="default eps/4")
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--eot", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--eps", type=_NONNEG, default=8 / 255)
+    p.add_argument("--step-size", type=_NONNEG, default=None, help="default eps/4")
+    p.add_argument("--steps", type=_COUNT, default=20)
+    p.add_argument("--eot", type=_POSITIVE_INT, default=1)
+    p.add_argument("--seed", type=_COUNT, default=0)
+    p.add_argument("--device", type=_device_name, default="auto")
     p.add_argument("--out", default=None, help="write the JSON report here")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--threat-models", default=None,
@@ -408,7 +617,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pgd (ours), ta-pgd (torchattacks' PGD/EOTPGD), autoattack / apgd / apgd-t (torchattacks)")
     p.add_argument("--aa-version", default="standard", choices=["standard", "rand"],
                    help="AutoAttack version (rand: APGD-CE/DLR with EOT 20, for randomized defenses)")
-    p.add_argument("--eot-adaptive", type=int, default=None,
+    p.add_argument("--eot-adaptive", type=_POSITIVE_INT, default=None,
                    help="EOT samples for adaptive/BPDA attacks (default 20 for randomized purifiers, else 1)")
     p.add_argument("--purifier-kind", default="maep", choices=["maep", "mae-pure"],
                    help="maep: MAEP single pass; mae-pure: MAE-Pure test-time descent with the --purifier MAE")
@@ -425,8 +634,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.func(args)
-    except (CheckpointError, FileNotFoundError, ValueError, TypeError) as exc:
-        print(f"maep-fast {args.command}: error: {exc}", file=sys.stderr)
+    except (CheckpointError, OSError, ValueError, TypeError) as exc:
+        print(f"maep-fast {args.command}: error: {_error_text(exc)}", file=sys.stderr)
         return 2
 
 

@@ -29,11 +29,11 @@ from __future__ import annotations
 import json
 import platform
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 
 from maep_fast._native import native_available
 from maep_fast.checkpoint import save_model
@@ -43,6 +43,7 @@ from maep_fast.models.classifiers import SmallCNN
 from maep_fast.models.presets import create_mae
 from maep_fast.plots import save_comparison_grid
 from maep_fast.purify.maep import Purifier
+from maep_fast.purify.randomized import RandomizedMAEP as _RandomizedMAEP
 from maep_fast.train.classifier import accuracy, train_classifier
 from maep_fast.train.common import set_seed
 from maep_fast.train.loop import LoopConfig
@@ -115,9 +116,9 @@ QUICK = dict(classifier_epochs=1, stage1_epochs=1, stage2_epochs=1, train_steps=
              mimir_epochs=1, mimir_ft_clean_epochs=0, mimir_ft_epochs=1, mimir_ft_steps=1, mimir_n=32,
              mimir_train_n=128)
 
-# --full: the quality run (issue 15): MAEP stage 1 60 epochs on PGD-10 pairs at a per-batch eps in [4, 28]/255
+# --full: the quality run: MAEP stage 1 60 epochs on PGD-10 pairs at a per-batch eps in [4, 28]/255
 # with classifier guidance (w_cls 1, 20 % clean inputs; the paper's loss alone at 16/255 reached oblivious
-# clean - 8.6 at 90 epochs: README, recipes), a
+# clean - 8.6 at 90 epochs: docs/results.md, recipes), a
 # longer-pretrained plain MAE, eps 8/16/32 x {our PGD-20, torchattacks PGD-20, AutoAttack} for MAEP on all test
 # images. AutoAttack's budget is cut to fit 45 minutes on 2 cores (10 APGD / FAB iterations, 250 Square queries;
 # its defaults, 100 and 5000, would cost hours through a purifier on a CPU: one MAEP forward+backward on the 360
@@ -128,37 +129,17 @@ FULL = dict(full=True, stage1_epochs=60, stage2_epochs=5, train_steps=10, train_
             w_cls=1.0, clean_frac=0.2, eval_eps=(8 / 255, 16 / 255, 32 / 255),
             attacks=("pgd", "ta-pgd", "autoattack"), aa_steps=10, aa_queries=250, rand_n=360, rand_masks=2, rand_eot=4,
             rand_attacks=("pgd",), mae_epochs=80, mp_n=64, mp_oblivious_all=True,
-            mp_eta=40 / 255, mp_mask_ratio=0.6,  # the best measured MAE-Pure schedule (README, recipes)
+            mp_eta=40 / 255, mp_mask_ratio=0.6,  # the best measured MAE-Pure schedule (docs/results.md, recipes)
             mp_attack_steps=10, mp_eot=2, mp_aa_steps=5, mp_attacks=("pgd", "autoattack"), mimir=False)
 
 
-class RandomizedMAEP(nn.Module):
-    """MAEP with test-time randomness: the mean of ``n_masks`` reconstructions of x, each at
-    ``mask_ratio`` with fresh random masks (the decoder fills the removed patches). Differentiable;
-    ``randomized`` tells the evaluation to attack it with EOT."""
-
-    randomized = True
-    seed = None
-
-    def __init__(self, model, mask_ratio: float = 0.25, n_masks: int = 4, batch_size: int = 256):
-        super().__init__()
-        if not 0 < mask_ratio < 1:
-            raise ValueError(f"mask_ratio must be in (0, 1), got {mask_ratio}")
-        if n_masks < 1:
-            raise ValueError(f"n_masks must be >= 1, got {n_masks}")
-        self.model, self.mask_ratio, self.n_masks, self.batch_size = model.eval(), mask_ratio, n_masks, batch_size
-
-    @property
-    def config(self) -> dict:
-        return {"kind": "MAEP + test-time masks", "mask_ratio": self.mask_ratio, "n_masks": self.n_masks}
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        outs = [self.model.reconstruct(x, mask_ratio=self.mask_ratio) for _ in range(self.n_masks)]
-        return torch.stack(outs).mean(0).clamp(0, 1)
-
-    @torch.no_grad()
-    def purify(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([self(x[k:k + self.batch_size]) for k in range(0, x.shape[0], self.batch_size)])
+def __getattr__(name: str):
+    # RandomizedMAEP moved to maep_fast.purify.randomized; the old path keeps working for one release.
+    if name == "RandomizedMAEP":
+        warnings.warn("maep_fast.demo.RandomizedMAEP moved: import it from maep_fast.purify (or maep_fast); "
+                      "the maep_fast.demo name goes away in the next release", DeprecationWarning, stacklevel=2)
+        return _RandomizedMAEP
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def run_demo(out_dir: str | Path = "runs/demo", cfg: DemoConfig | None = None) -> dict:
@@ -234,7 +215,7 @@ def run_demo(out_dir: str | Path = "runs/demo", cfg: DemoConfig | None = None) -
         t = time.perf_counter()
         # a subset as large as ev is ev itself: rows with the same n are on the same images (the table dedup relies on it)
         ev_r = ev if cfg.rand_n >= len(ev) else test.subset(cfg.rand_n, seed=cfg.seed)
-        rnd = RandomizedMAEP(model, cfg.rand_mask_ratio, cfg.rand_masks)
+        rnd = _RandomizedMAEP(model, cfg.rand_mask_ratio, cfg.rand_masks)
         sections["maep_rand"] = _sweep(cfg, classifier, rnd, ev_r, defense=f"MAEP-rand", randomized=True,
                                        attacks=cfg.rand_attacks or cfg.attacks,
                                        threat_models=("oblivious", "adaptive-full-gradient"), eot=cfg.rand_eot,

@@ -15,7 +15,9 @@ if not torch.cuda.is_available():
     # Triton kernels run under the interpreter on CPU machines; must be set before triton is imported.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Under pytest-xdist the workers share the cores: one thread each, no oversubscription.
+_workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // max(1, _workers))))
 
 
 @pytest.fixture(autouse=True)

@@ -9,7 +9,7 @@ Compiles the torch-free attention kernels to a cubin for sm_80 and sm_90 (nvcc -
     STACK:0, and no STL / LDL instruction in any kernel;
   - registers <= 255, and static + dynamic shared memory per block within the opt-in
     limit (163 KB on sm_80, 227 KB on sm_90).
-Skips cleanly without nvcc or cuobjdump. Figures are recorded in bench/NOTES.md.
+Skips cleanly without nvcc or cuobjdump. Figures are recorded in docs/benchmarks.md.
 """
 
 import re

@@ -392,3 +392,24 @@ def test_folder_errors(tmp_path):
         save_images(torch.rand(1, 2, 4, 4), [tmp_path / "c.png"])
     with pytest.raises(ValueError, match=r"\[0.0, 1.0\]"):
         save_images(x + 1, [tmp_path / "a.png", tmp_path / "b.png"])
+
+
+def test_registry_table_and_import_paths():
+    import warnings
+
+    import maep_fast.data as data
+    from maep_fast.data import registry
+
+    assert data.load_dataset is registry.load_dataset and set(registry.DATASET_NAMES) == set(registry.LOADERS)
+    assert registry.DATASET_NAMES == ("digits", "cifar10", "cifar100", "folder")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        from maep_fast.data.dataset import ImageDataset as base  # the base class path does not warn
+    assert base is ImageDataset
+    with pytest.warns(DeprecationWarning, match="maep_fast.data"):
+        from maep_fast.data.dataset import load_dataset as old
+    assert old is registry.load_dataset
+    with pytest.warns(DeprecationWarning):
+        from maep_fast.data.dataset import DATASET_NAMES  # noqa: F401
+    with pytest.raises(TypeError):
+        load_dataset(3)

@@ -1,4 +1,4 @@
-"""What issue #11 asks of every op call's host work, checked without timing anything
+"""The host-cost contract of every op call, checked without timing anything
 (timings live in bench/bench_overhead.py):
 
 - an explicit ``backend="cuda"`` attention call the CUDA kernel cannot run is refused in Python,
@@ -96,9 +96,28 @@ def test_pgd_validation_reads_no_device_values():
 
 
 def test_loss_and_attention_validation_read_no_device_values():
-    prl_mod._validate(_meta(2, 16, 12), _meta(2, 3, 8, 8), _meta(2, 16), 2, 2, "per_sample")
+    """Meta tensors have no values: reading one (``.item()``, ``bool(t)``, ``.tolist()``) raises. So
+    validation that accepts good meta calls and refuses bad ones, naming the argument, decides from
+    shapes, dtypes and devices alone, on the one-expression fast path and on the full checks."""
+    pred, imgs, mask = _meta(2, 16, 12), _meta(2, 3, 8, 8), _meta(2, 16)
+    keep = torch.ones(2, 5, dtype=torch.bool, device="meta")
     q = _meta(2, 3, 5, 8)
-    mpa_mod._validate(q, q, q, torch.ones(2, 5, dtype=torch.bool, device="meta"), None)
+    with pytest.raises(RuntimeError):
+        bool(mask.sum() > 0)  # what a value-reading check would do: meta refuses it
+    for validate in (prl_mod._validate, prl_mod._validate_full):
+        assert validate(pred, imgs, mask, 2, 2, "per_sample") is None
+        assert validate(pred, imgs, None, 2, 1, "mean") is None
+        with pytest.raises(ValueError, match="mask must have shape"):
+            validate(pred, imgs, _meta(2, 15), 2, 2, "per_sample")
+        with pytest.raises(ValueError, match="pred must have shape"):
+            validate(_meta(2, 16, 13), imgs, mask, 2, 2, "mean")
+    for validate in (mpa_mod._validate, mpa_mod._validate_full):
+        assert validate(q, q, q, keep, None) is None
+        assert validate(q, q, q, None, 0.5) is None
+        with pytest.raises(ValueError, match="keep must have shape"):
+            validate(q, q, q, torch.ones(2, 4, dtype=torch.bool, device="meta"), None)
+        with pytest.raises(ValueError, match="share one shape"):
+            validate(q, q, _meta(2, 3, 6, 8), None, None)
 
 
 def test_cpu_per_sample_values_are_still_checked():

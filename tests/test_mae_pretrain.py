@@ -156,9 +156,11 @@ def test_cli_pretrain_then_finish_the_decoder(tmp_path, capsys):
 
 
 def test_cli_pretrain_rejects_bad_values(tmp_path, capsys):
-    assert main(["pretrain", "--image-size", "8", "--subset", "32", "--epochs", "1", "--mask-ratio", "1.5",
-                 "--no-progress", "--out", str(tmp_path / "x")]) == 2
-    assert "mask_ratio" in capsys.readouterr().err
-    assert main(["pretrain", "--image-size", "8", "--subset", "-3", "--epochs", "1", "--no-progress",
-                 "--out", str(tmp_path / "y")]) == 2
-    assert "--subset" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main(["pretrain", "--image-size", "8", "--subset", "32", "--epochs", "1", "--mask-ratio", "1.5",
+              "--no-progress", "--out", str(tmp_path / "x")])
+    assert exc.value.code == 2 and "--mask-ratio" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main(["pretrain", "--image-size", "8", "--subset", "-3", "--epochs", "1", "--no-progress",
+              "--out", str(tmp_path / "y")])
+    assert exc.value.code == 2 and "--subset" in capsys.readouterr().err

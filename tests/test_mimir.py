@@ -119,3 +119,121 @@ def test_adversarial_finetune_runs_and_learns(trades_beta):
     with torch.no_grad():
         acc = (clf(ds.images).argmax(1) == y).float().mean()
     assert acc >= 0.9
+
+
+def test_eps_ramp_schedule_and_finetune_history():
+    from maep_fast.train.mimir import eps_at
+
+    assert eps_at(0, 100, 8.0, 0.0, 0.5) == 0.0
+    assert eps_at(25, 100, 8.0, 0.0, 0.5) == pytest.approx(4.0)
+    assert eps_at(50, 100, 8.0, 0.0, 0.5) == 8.0 and eps_at(99, 100, 8.0, 2.0, 0.5) == 8.0
+    assert eps_at(0, 100, 8.0, None, 0.5) == 8.0 and eps_at(0, 100, 8.0, 0.0, 0.0) == 8.0
+    torch.manual_seed(0)
+    ds = ImageDataset(torch.rand(32, 1, 8, 8), torch.arange(32) % 2)
+    clf = ViTClassifier.from_mae(tiny_mae(), num_classes=2)
+    hist = adversarial_finetune(clf, ds, eps=8 / 255, alpha=4 / 255, steps=1, eps_start=0.0, ramp_frac=1.0,
+                                loop=LoopConfig(epochs=3, batch_size=16, lr=1e-3, progress=False))
+    eps = [h["eps"] for h in hist]
+    assert eps[0] < eps[1] < eps[2] < 8 / 255
+    with pytest.raises(ValueError, match="eps_start"):
+        adversarial_finetune(clf, ds, eps=4 / 255, eps_start=8 / 255, loop=LoopConfig(epochs=1, progress=False))
+
+
+def test_recipe_trains_a_vit_and_checks_its_fields():
+    from maep_fast.train.mimir import MIMIRRecipe, train_mimir_vit
+
+    ds = ImageDataset(torch.rand(32, 1, 8, 8), torch.arange(32) % 2)
+    r = MIMIRRecipe(img_size=8, num_classes=2, patch_size=2, embed_dim=16, depth=1, num_heads=2, decoder_embed_dim=8,
+                    decoder_depth=1, decoder_num_heads=2, pretrain_epochs=1, finetune_epochs=1, steps=1,
+                    batch_size=16)
+    vit, mae, info = train_mimir_vit(ds, r, progress=False)
+    assert isinstance(vit, ViTClassifier) and vit(ds.images[:2]).shape == (2, 2)
+    assert not torch.equal(vit.blocks[0].attn.qkv.weight, mae.blocks[0].attn.qkv.weight)  # finetuned
+    assert len(info["pretrain_history"]) == 1 and len(info["finetune_history"]) == 1
+    for bad, msg in [(dict(patch_size=3), "patch_size"), (dict(pretrain="x"), "pretrain"),
+                     (dict(eps_start=1.0), "eps_start"), (dict(mask_ratio=1.0), "mask_ratio")]:
+        with pytest.raises(ValueError, match=msg):
+            train_mimir_vit(ds, MIMIRRecipe(img_size=8, **bad), progress=False)
+    with pytest.raises(ValueError, match="expects"):
+        train_mimir_vit(ds, MIMIRRecipe(img_size=16), progress=False)
+
+
+class _Toy(torch.nn.Module):
+    """A two-class model with encoder features (forward_features) and a linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.f = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 16), torch.nn.Tanh())
+        self.head = torch.nn.Linear(16, 2)
+
+    def forward_features(self, x):
+        return self.f(x)
+
+    def forward(self, x):
+        return self.head(self.f(x))
+
+
+def _trained_toy():
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(64) % 2
+    x = (0.4 + 0.2 * y.view(-1, 1, 1, 1).float() + 0.05 * torch.randn(64, 1, 8, 8, generator=g)).clamp(0, 1)
+    model = _Toy()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(150):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model, x, y
+
+
+def _acc(model, x, y):
+    with torch.no_grad():
+        return (model(x).argmax(1) == y).float().mean().item()
+
+
+def test_attack_hsic_copy_matches_the_training_hsic():
+    from maep_fast.attacks.mimir_attacks import hsic_normalized_cca as attack_hsic
+
+    g = torch.Generator().manual_seed(1)
+    for m, dx, dy, s in [(8, 4, 6, 5.0), (12, 3, 3, 1.0)]:
+        x, y = torch.randn(m, dx, generator=g), torch.randn(m, dy, generator=g)
+        assert attack_hsic(x, y, sigma=s).item() == pytest.approx(hsic_normalized_cca(x, y, sigma=s).item(), rel=1e-5)
+
+
+def test_pgd_mi_lowers_accuracy_and_moves_the_mi_term():
+    from maep_fast.attacks.mimir_attacks import mi_term, pgd_mi
+
+    model, x, y = _trained_toy()
+    eps = 0.12
+    assert _acc(model, x, y) == 1.0
+    noise = (x + (torch.rand(x.shape, generator=torch.Generator().manual_seed(2)) * 2 - 1) * eps).clamp(0, 1)
+    assert _acc(model, noise, y) >= 0.9  # random noise of the same size barely hurts
+    x_adv = pgd_mi(model, x, y, eps=eps, step_size=eps / 4, steps=10, generator=torch.Generator().manual_seed(0))
+    assert (x_adv - x).abs().max() <= eps + 1e-6 and x_adv.min() >= 0 and x_adv.max() <= 1
+    assert _acc(model, x_adv, y) <= 0.3
+    # the MI term alone (CE swamped by a large weight): +1 raises HSIC(features, x_adv), -1 lowers it
+    kw = dict(eps=eps, step_size=eps / 4, steps=10, mi_weight=1e3, random_init=False)
+    up = mi_term(model, pgd_mi(model, x, y, mi_sign=1, **kw))
+    down = mi_term(model, pgd_mi(model, x, y, mi_sign=-1, **kw))
+    assert up > mi_term(model, x) > down
+    with pytest.raises(ValueError, match="mi_sign"):
+        pgd_mi(model, x, y, eps=eps, step_size=0.01, mi_sign=0)
+
+
+def test_pgd_feature_moves_the_features_more_than_noise():
+    from maep_fast.attacks.mimir_attacks import feature_distance, pgd_feature
+
+    model, x, _ = _trained_toy()
+    eps = 0.05
+    x_adv = pgd_feature(model, x, eps=eps, step_size=eps / 4, steps=10, generator=torch.Generator().manual_seed(0),
+                        batch_size=24)
+    assert (x_adv - x).abs().max() <= eps + 1e-6 and x_adv.min() >= 0 and x_adv.max() <= 1
+    noise = (x + (torch.rand(x.shape, generator=torch.Generator().manual_seed(3)) * 2 - 1) * eps).clamp(0, 1)
+    d_adv, d_noise = feature_distance(model, x, x_adv), feature_distance(model, x, noise)
+    assert d_adv.mean() > 5 * d_noise.mean() and (d_adv > 0).all()
+    assert torch.equal(pgd_feature(model, x, eps=0.0, step_size=0.01), x)
+    with pytest.raises(TypeError, match="forward_features"):
+        pgd_feature(torch.nn.Sequential(torch.nn.Flatten()), x, eps=eps, step_size=0.01)

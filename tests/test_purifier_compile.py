@@ -82,18 +82,35 @@ def test_one_graph_for_every_chunk_size():
     assert len(pur._compiled) == 2 and len(counting.graphs) == 2
 
 
-def test_many_purifiers_stay_under_the_recompile_limit(monkeypatch):
+def test_many_purifiers_stay_under_the_recompile_limit():
     """Each purifier and key compiles a code object of its own: with dynamo's recompile limit at 2,
-    four compiled purifiers (and a second dtype) still each get their own compiled graph."""
-    monkeypatch.setattr(dynamo.config, "recompile_limit", 2)
+    four compiled purifiers (and a second dtype) still each get their own compiled graph.
+
+    The limit is set through dynamo's own scoped ``config.patch``: pytest's monkeypatch would
+    restore it by deleting the attribute, which removes the config entry for the whole process."""
     counting = Counting()
     x = torch.rand(2, 1, 8, 8)
-    for _ in range(4):
-        pur = Purifier(tiny_mae(in_chans=1, depth=1, decoder_depth=1), compile=True)
-        pur.compile_backend = counting
-        pur.purify(x)
-    pur.purify(x.double())
+    with dynamo.config.patch(recompile_limit=2):
+        for _ in range(4):
+            pur = Purifier(tiny_mae(in_chans=1, depth=1, decoder_depth=1), compile=True)
+            pur.compile_backend = counting
+            pur.purify(x)
+        pur.purify(x.double())
     assert len(counting.graphs) == 5
+    assert dynamo.config.recompile_limit != 2  # restored on exit
+
+
+def test_no_test_monkeypatches_a_torch_config_module():
+    """Torch config modules keep their values outside the module ``__dict__``; monkeypatch's undo
+    deletes such attributes (pytest >= 9.2), breaking every later compile in the process. Tests
+    change torch settings with ``torch._dynamo.config.patch`` / ``torch._inductor.config.patch``."""
+    import re
+    from pathlib import Path
+
+    pattern = re.compile(r"monkeypatch\.(setattr|delattr)\(\s*[\w.]*(config|_dynamo|_inductor|dynamo|inductor)\b")
+    hits = [f"{p.name}:{i}" for p in Path(__file__).parent.glob("*.py")
+            for i, line in enumerate(p.read_text().splitlines(), 1) if pattern.search(line)]
+    assert hits == []
 
 
 def test_mode_rule_and_padding():

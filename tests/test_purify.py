@@ -77,3 +77,39 @@ def test_bad_inputs():
     else:
         with pytest.raises(ValueError, match="on meta"):
             p.purify(torch.empty(1, 1, 8, 8, device="meta"))
+
+
+def test_randomized_maep_averages_fresh_masks_and_is_differentiable():
+    from maep_fast.purify import RandomizedMAEP
+
+    rnd = RandomizedMAEP(tiny_mae(in_chans=1), mask_ratio=0.5, n_masks=3, batch_size=2)
+    assert rnd.randomized and rnd.config["n_masks"] == 3
+    x = torch.rand(5, 1, 8, 8, requires_grad=True)
+    rnd(x).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    y1, y2 = rnd.purify(x.detach()), rnd.purify(x.detach())
+    assert y1.shape == x.shape and y1.min() >= 0 and y1.max() <= 1
+    assert not torch.equal(y1, y2)  # fresh masks on every call
+    with pytest.raises(ValueError, match="mask_ratio"):
+        RandomizedMAEP(tiny_mae(in_chans=1), mask_ratio=0.0)
+    with pytest.raises(ValueError, match="n_masks"):
+        RandomizedMAEP(tiny_mae(in_chans=1), n_masks=0)
+
+
+def test_randomized_maep_import_paths():
+    import warnings
+
+    import maep_fast
+    import maep_fast.demo
+    from maep_fast.purify import RandomizedMAEP
+    from maep_fast.purify.randomized import RandomizedMAEP as direct
+
+    assert maep_fast.RandomizedMAEP is RandomizedMAEP is direct
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the supported paths do not warn
+        from maep_fast import RandomizedMAEP as top  # noqa: F401
+    with pytest.warns(DeprecationWarning, match="maep_fast.purify"):
+        from maep_fast.demo import RandomizedMAEP as old
+    assert old is RandomizedMAEP
+    with pytest.raises(AttributeError):
+        maep_fast.demo.no_such_name  # noqa: B018

@@ -31,6 +31,18 @@ def random_start(x: torch.Tensor, eps: float, norm: str, generator: torch.Genera
     return (x + noise).clamp(0, 1)
 
 
+def check_labels(y: torch.Tensor, logits: object) -> None:
+    """Labels y [N] must be class indices of logits [N, K]: in [0, K). One host sync."""
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] != y.shape[0]:
+        shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise ValueError(f"model must return logits of shape [N={y.shape[0]}, num_classes], got {shape}")
+    k = logits.shape[1]
+    lo, hi = torch.stack(torch.aminmax(y.detach())).tolist()
+    if lo < 0 or hi >= k:
+        raise ValueError(f"y must hold class indices in [0, {k - 1}] (the model outputs {k} classes), "
+                         f"got labels in [{lo}, {hi}]")
+
+
 def pgd_attack(
     model: nn.Module | Callable[[torch.Tensor], torch.Tensor],
     x: torch.Tensor,
@@ -49,7 +61,9 @@ def pgd_attack(
     """Untargeted PGD: returns x_adv [N, C, H, W] with ||x_adv - x|| <= eps, in [0, 1].
 
     ``eot`` averages the gradient over that many forward passes (for
-    randomized defenses); loss defaults to cross-entropy summed over the batch.
+    randomized defenses); loss defaults to cross-entropy summed over the batch. With that
+    default loss, ``y`` [N] must hold class indices of the model's logits [N, K]: checked
+    once, on the first forward pass, before any backward.
     """
     check_images(x, "x")
     check_tensor(y, "y", ndim=1, dtypes=(torch.int64, torch.int32))
@@ -63,6 +77,7 @@ def pgd_attack(
         raise ValueError(f"eot must be a positive int, got {eot!r}")
     if norm not in NORMS:
         raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+    labels_unchecked = loss_fn is None
     loss_fn = loss_fn or (lambda logits, target: F.cross_entropy(logits, target, reduction="sum"))
     x0 = x.detach()
     if eps == 0 or steps == 0:
@@ -72,7 +87,11 @@ def pgd_attack(
         x_adv.requires_grad_(True)
         grad = torch.zeros_like(x_adv)
         for _ in range(eot):
-            loss = loss_fn(model(x_adv), y)
+            logits = model(x_adv)
+            if labels_unchecked:
+                check_labels(y, logits)
+                labels_unchecked = False
+            loss = loss_fn(logits, y)
             grad = grad + torch.autograd.grad(loss, x_adv)[0]
         x_adv = x_adv.detach()
         pgd_step_(x_adv, grad, x0, step_size, eps, norm=norm, direction=1, clamp=(0.0, 1.0), backend=backend)

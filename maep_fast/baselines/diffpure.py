@@ -2,7 +2,7 @@
 
 The baseline every purifier in this package is timed against (see
 ``bench/bench_purify.py``). Facts from the paper / NVlabs/DiffPure
-(anchors.md): VP-SDE with beta in [0.1, 20], diffuse the input to t* = 0.1
+(docs/methods.md): VP-SDE with beta in [0.1, 20], diffuse the input to t* = 0.1
 in closed form, integrate the reverse SDE with Euler-Maruyama steps of
 dt = 1e-3 (100 score evaluations per image).
 

@@ -4,15 +4,17 @@ Every loader returns an :class:`ImageDataset` (images float32 ``[N, C, H, W]``
 in ``[0, 1]``, labels int64 ``[N]``). Nothing is ever downloaded.
 """
 from .cifar import CIFAR10_CLASSES, CIFAR100_CLASSES, RestrictedUnpickler, load_cifar, restricted_load
-from .dataset import DATASET_NAMES, ImageDataset, load_dataset, resize_images
+from .dataset import ImageDataset, resize_images
 from .digits import DIGITS_CLASSES, digits_split_indices, load_digits_dataset
 from .folder import IMAGE_SUFFIXES, load_image_folder, load_images, save_images
+from .registry import DATASET_NAMES, LOADERS, load_dataset
 
 __all__ = [
     "ImageDataset",
     "load_dataset",
     "resize_images",
     "DATASET_NAMES",
+    "LOADERS",
     "load_digits_dataset",
     "digits_split_indices",
     "DIGITS_CLASSES",

@@ -1,4 +1,4 @@
-"""``ImageDataset``: an in-memory labelled image batch, and ``load_dataset``.
+"""``ImageDataset``: an in-memory labelled image batch, the base every loader returns.
 
 Every loader in :mod:`maep_fast.data` returns an :class:`ImageDataset` holding
 
@@ -6,11 +6,15 @@ Every loader in :mod:`maep_fast.data` returns an :class:`ImageDataset` holding
 * ``labels``: int64 tensor ``[N]`` with values in ``[0, len(classes))``
 * ``classes``: class names, ``classes[k]`` names label ``k``
 * ``name``: a short human-readable name (``"digits-train"``, ...)
+
+This module imports no loader: ``load_dataset`` and the name -> loader table
+live in :mod:`maep_fast.data.registry`, above the loaders.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
+import sys
+import warnings
 from typing import Sequence
 
 import torch
@@ -18,9 +22,7 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, S
 
 from .._checks import check_images, check_tensor
 
-__all__ = ["ImageDataset", "load_dataset", "resize_images", "DATASET_NAMES"]
-
-DATASET_NAMES = ("digits", "cifar10", "cifar100", "folder")
+__all__ = ["ImageDataset", "resize_images"]
 
 
 def resize_images(images: torch.Tensor, image_size: int) -> torch.Tensor:
@@ -149,49 +151,12 @@ class ImageDataset(Dataset):
         return DataLoader(self, sampler=batches, batch_size=None, num_workers=0)
 
 
-def load_dataset(
-    name: str = "digits",
-    root: str | Path | None = None,
-    split: str = "train",
-    image_size: int | None = None,
-) -> ImageDataset:
-    """Load a data set by name: ``"digits"``, ``"cifar10"``, ``"cifar100"`` or ``"folder"``.
-
-    * ``digits``: embedded (no files); ``root`` is ignored, ``image_size``
-      defaults to 16, ``split`` in ``train|test|all``.
-    * ``cifar10`` / ``cifar100``: official python files under ``root``;
-      ``split`` in ``train|test``; images are resized if ``image_size`` is
-      given and differs from 32.
-    * ``folder``: ``root/<class>/<image>``; if ``root/<split>`` is a directory
-      it is used instead (``root/train/<class>/...`` layouts), RGB images.
-
-    maep_fast never downloads anything.
-    """
-    if not isinstance(name, str):
-        raise TypeError(f"name must be a str, got {type(name).__name__}")
-    key = name.strip().lower().replace("-", "")
-    if key == "digits":
-        from .digits import load_digits_dataset
-
-        return load_digits_dataset(image_size=16 if image_size is None else image_size, split=split)
-    if key in ("cifar10", "cifar100"):
-        if root is None:
-            raise ValueError(
-                f"{name} needs root= pointing at the official CIFAR python files; maep_fast never downloads"
-            )
-        from .cifar import load_cifar
-
-        ds = load_cifar(root, key, split)
-        if image_size is not None and image_size != ds.images.shape[-1]:
-            ds = ImageDataset(resize_images(ds.images, image_size), ds.labels, ds.classes, ds.name)
-        return ds
-    if key == "folder":
-        if root is None:
-            raise ValueError("the 'folder' data set needs root= (layout root/<class_name>/<image files>)")
-        from .folder import load_image_folder
-
-        root = Path(root)
-        if isinstance(split, str) and split and (root / split).is_dir():
-            root = root / split
-        return load_image_folder(root, image_size=image_size)
-    raise ValueError(f"unknown data set {name!r}; choose one of {', '.join(DATASET_NAMES)}")
+def __getattr__(name: str):
+    # load_dataset and DATASET_NAMES moved to maep_fast.data.registry; the old path keeps working for one
+    # release. Read from the loaded package (importing the package loads the registry) rather than
+    # importing the registry here, which sits above this module.
+    if name in ("load_dataset", "DATASET_NAMES"):
+        warnings.warn(f"maep_fast.data.dataset.{name} moved: import it from maep_fast.data", DeprecationWarning,
+                      stacklevel=2)
+        return getattr(sys.modules[__package__], name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

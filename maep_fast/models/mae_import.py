@@ -46,7 +46,7 @@ from typing import Mapping
 import torch
 import torch.nn.functional as F
 
-from maep_fast.checkpoint import CheckpointError
+from maep_fast.errors import CheckpointError
 from maep_fast.models.mae import MaskedAutoencoderViT
 from maep_fast.models.pos_embed import get_2d_sincos_pos_embed
 
@@ -113,13 +113,26 @@ class ImportReport:
 
 
 # ----------------------------------------------------------------------------- reading
+def _starts_like_pickle(path: Path) -> bool:
+    """Whether the file opens with a pickle's PROTO opcode (protocol 2 and later)."""
+    with open(path, "rb") as f:
+        return f.read(1) == b"\x80"
+
+
 def _torch_load(path: Path) -> object:
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*pickle protocol.*", category=UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         text = str(exc)
         if "Unsupported global" not in text and "allowed global" not in text:
             m = re.search(r"WeightsUnpickler error:\s*(.+)", text)
+            if m and _starts_like_pickle(path):
+                raise CheckpointError(
+                    f"{str(path)!r} is not a weights-only checkpoint: it is a pickle that "
+                    f"torch.load(weights_only=True) refuses ({m.group(1).strip()}), and maep_fast never unpickles "
+                    f"anything else. Give a file written by torch.save(state_dict) or a .safetensors file.") from None
             why = m.group(1).strip() if m else (text.splitlines()[0] if text else repr(exc))
             raise CheckpointError(f"{str(path)!r} is not a readable torch file ({why})") from None
         m = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)

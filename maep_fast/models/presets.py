@@ -1,6 +1,6 @@
 """Named MaskedAutoencoderViT sizes.
 
-32x32 presets use anchors.md's ViT sizes (Tiny 192/12/3, Small 384/12/6,
+32x32 presets use the ViT sizes of docs/methods.md (Tiny 192/12/3, Small 384/12/6,
 Base 768/12/12) with MIMIR's decoder (128-d, depth 2, 16 heads), at patch 2
 or 4. ``mae_vit_base_patch4_dec512`` is MAE-Pure's CIFAR-10 purifier with
 MAE's standard 512-d, 8-block decoder. ``demo`` is small enough to train on a

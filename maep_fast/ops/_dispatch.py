@@ -27,20 +27,12 @@ KNOWN_BACKENDS = ("auto", "torch", "triton", "cpp", "cuda")
 # Which backends each op implements; op modules add to this when they define kernels.
 IMPLEMENTED: dict[str, set[str]] = {}
 
-# auto's preference per device type.
-# cpu: cpp first, measured side by side in bench/results/ops_cpu.json (2-core AMD EPYC, fp32,
-#   `python3 bench/bench_ops.py --device cpu --compile`), cpp vs the eager reference: pgd_step 10.8x
-#   (L-inf) / 6.7x (L2), patch_recon_loss fwd+bwd 4.3x, attention fwd+bwd 5.5x / 3.2x / 1.6x / 1.3x at
-#   keep 25 / 50 / 75 / 100 % (SDPA 1.0-1.5x). torch.compile(reference) ties cpp only on pgd_step L2,
-#   and auto cannot assume the user compiles.
-# cuda: measured on one H200 (bench/results/ops_cuda.json and overhead_cuda.json, 2026-11-29,
-#   `bash bench/gpu_check.sh`): Triton's kernels are the faster ones for patch_recon_loss (fwd+bwd
-#   0.21 vs 0.37 ms at N64 3x224x224 p16, 0.24 vs 0.55 ms at N4096 3x32x32 p4, bf16) and for the
-#   attention (fwd+bwd 0.97 vs 2.11 ms at B256 H6 L257 D64, 0.36 vs 0.68 ms at keep 25 %), so Triton
-#   comes first. pgd_step is the exception (AUTO_ORDER_BY_OP): the CUDA kernel ties Triton on the
-#   L-inf step (0.025 vs 0.024 ms at B64 3x224x224 bf16, 73-89 % of the measured copy bandwidth for
-#   both) and costs 12-17 us of host time per call against Triton's 70-90 us, while the L2 step's
-#   kernel is at most 0.02 ms slower; one step per PGD / MAE-Pure iteration makes the host cost count.
+# auto's preference per device type, fastest first (figures, commands and machines: docs/benchmarks.md).
+# cpu: the C++ kernels beat the eager reference on every op and shape benchmarked; torch.compile of the
+#   reference ties them in one case only, and auto cannot assume the caller compiles.
+# cuda: Triton first: its patch_recon_loss and attention kernels are faster than the CUDA ones.
+#   pgd_step is the exception (AUTO_ORDER_BY_OP): its CUDA kernel ties Triton's in kernel time and costs
+#   a fraction of Triton's host time per call, and PGD / MAE-Pure loops make one call per iteration.
 AUTO_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpp", "torch")}
 # (device type, op) -> order, where one op's measurements disagree with its device's AUTO_ORDER.
 AUTO_ORDER_BY_OP: dict[tuple[str, str], tuple[str, ...]] = {("cuda", "pgd_step"): ("cuda", "triton", "torch")}

@@ -65,16 +65,28 @@ and capture the MAE's parameters are set to ``requires_grad=False`` (their
 gradients are not part of the step) and restored afterwards.
 
 Precision (``precision=``: "auto" | "fp32" | "bf16" | "fp16", as on
-``Purifier``; see ``maep_fast.purify.maep``). The MAE's forward (encoder and
-decoder) runs under ``torch.autocast`` in that dtype; the reconstruction loss
-(per-patch statistics and reduction, on the prediction cast back to the
-iterate's dtype), the input gradient it returns, the iterate, eta-ball and
-the PGD step stay in fp32 (fp64 for fp64 inputs), outside any autocast; the
-result comes back in the input's dtype. "auto" (default) follows an autocast
-region the caller has open, else fp32 (``maep.AUTO_PRECISION``). The
-dtype is resolved once per call and is part of the CUDA-graph key: with
-``cuda_graph=True`` the autocast region is inside the captured step
-(weight-cast cache off, as CUDA graphs require).
+``Purifier``; see ``maep_fast.purify.maep``). For bf16/fp16 the MAE's forward
+and its backward to the image run in a copy of the MAE cast once to that dtype
+(``cast_weights=True``, the default; kept in step with the MAE's weights,
+``refresh_weights()`` after writes that bypass the version counter), with
+autocast off, so no weight is re-cast per step and the residual stream stays
+in the compute dtype; ``cast_weights=False`` runs the MAE under autocast
+instead. The reconstruction loss (per-patch statistics and reduction, on the
+prediction cast back to the MAE's own dtype), the input gradient it returns,
+the iterate, eta-ball and the PGD step stay in fp32 (fp64 for an fp64 MAE),
+outside any autocast; the result comes back in the input's dtype. "auto"
+(default) follows an autocast region the caller has open, else
+``maep.AUTO_PRECISION``. The dtype is resolved once per call and is part of
+the CUDA-graph key.
+
+One step as one callable: ``purification_step_`` (masked forward, loss, input
+gradient, fused sign step with the eta-ball and [0, 1] clipping) reads only
+static buffers, allocates nothing value-dependent and never synchronizes, so
+it is what ``cuda_graph=True`` captures and replays, at bf16 as at fp32.
+
+Input checks: ``purify`` checks the pixel values as ``Purifier.purify`` does
+(on CUDA synchronously only for a new (shape, dtype, device), asynchronously
+after that); ``validate=False`` skips them.
 """
 from __future__ import annotations
 
@@ -84,12 +96,13 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from maep_fast._checks import check_pixels, check_tensor
+from maep_fast._checks import check_tensor
 from maep_fast.models.mae import MaskedAutoencoderViT
 from maep_fast.ops.patch_recon_loss import patch_recon_loss
 from maep_fast.ops._dispatch import resolve_backend
 from maep_fast.ops.pgd_step import _pgd_step_inplace_validated, pgd_step, pgd_step_
-from maep_fast.purify.maep import DEFAULT_PRECISION, check_precision, fp32_region, model_autocast, resolve_precision
+from maep_fast.purify.maep import (DEFAULT_PRECISION, CastModelCache, PixelGuard, _float_dtype, check_precision,
+                                   compute_context, fp32_region, resolve_precision)
 
 
 class MAEPure(nn.Module):
@@ -123,6 +136,7 @@ class MAEPure(nn.Module):
         fused: bool = True,
         cuda_graph: bool = False,
         precision: str = DEFAULT_PRECISION,
+        cast_weights: bool = True,
     ):
         super().__init__()
         if not fused:  # the pure-PyTorch reference path for every op
@@ -155,6 +169,11 @@ class MAEPure(nn.Module):
         self.backend, self.progress, self.batch_size, self.exact_graph = backend, progress, batch_size, exact_graph
         self.cuda_graph = cuda_graph
         self.precision = check_precision(precision)
+        if not isinstance(cast_weights, bool):
+            raise TypeError(f"cast_weights must be a bool, got {type(cast_weights).__name__}")
+        self.cast_weights = cast_weights
+        self._casts = CastModelCache(self.model)
+        self._guard = PixelGuard()
         self._graphs: dict = {}  # chunk key -> _StepGraph (cuda_graph=True)
         self.last_steps_run: torch.Tensor | None = None  # per-sample number of steps taken by the last call
 
@@ -178,37 +197,58 @@ class MAEPure(nn.Module):
         """The dtype the MAE's forward runs in for an input on ``device`` now (see ``precision``)."""
         return resolve_precision(self.precision, device)
 
+    def compute_model(self, amp_dtype: torch.dtype) -> MaskedAutoencoderViT:
+        """The MAE that runs for compute dtype ``amp_dtype``: a cached copy cast once to bf16/fp16
+        (``cast_weights``; kept in step with the MAE's weights), else the MAE itself."""
+        return self._casts.get(amp_dtype) if self.cast_weights else self.model
+
+    def refresh_weights(self) -> None:
+        """Re-cast the low-precision copy from the MAE's weights on the next call (only needed after
+        writes that bypass the version counter, e.g. ``param.data.copy_``)."""
+        self._casts.invalidate()
+
+    def check_pending(self, wait: bool = True) -> None:
+        """Raise ``ValueError`` if a deferred pixel check of an earlier CUDA input failed."""
+        self._guard.check_pending("x", wait=wait)
+
     def step_size_at(self, s: int) -> float:
         """lambda at step s (0-based): halved for s >= S/2 when ``halve_step``."""
         return self.step_size / 2 if (self.halve_step and s >= self.steps // 2) else self.step_size
 
     def recon_loss(self, x: torch.Tensor, generator: torch.Generator | None = None,
-                   loss_backend: str | None = None, amp_dtype: torch.dtype | None = None) -> torch.Tensor:
+                   loss_backend: str | None = None, amp_dtype: torch.dtype | None = None,
+                   model: MaskedAutoencoderViT | None = None) -> torch.Tensor:
         """Per-sample masked reconstruction loss [N], mean over ``n_masks`` random masks (one batched forward).
-        ``amp_dtype``: the model's compute dtype (default: ``compute_dtype(x.device)``)."""
+        ``amp_dtype``: the model's compute dtype (default: ``compute_dtype(x.device)``); ``model``: the
+        module that runs (default: ``compute_model(amp_dtype)``)."""
         noise = self._draw_noise(x.shape[0], generator, x.device)
-        return self._recon_loss_noise(x, noise, loss_backend, amp_dtype)
+        return self._recon_loss_noise(x, noise, loss_backend, amp_dtype, model)
 
     def _draw_noise(self, n: int, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
         """The masking noise of one step for a chunk of n samples: [n * n_masks, L]."""
         return torch.rand(n * self.n_masks, self.model.patch_embed.num_patches, generator=generator, device=device)
 
     def _recon_loss_noise(self, x: torch.Tensor, noise: torch.Tensor, loss_backend: str | None = None,
-                          amp_dtype: torch.dtype | None = None) -> torch.Tensor:
-        """``recon_loss`` with given masking noise [N * n_masks, L] (no host sync: CUDA-graph capturable).
-        The MAE runs under the precision's autocast; the loss is computed outside it, on the prediction
-        cast to the model's dtype (fp32 statistics and reduction for an fp32 model)."""
-        m = self.model
+                          amp_dtype: torch.dtype | None = None, model: MaskedAutoencoderViT | None = None
+                          ) -> torch.Tensor:
+        """``recon_loss`` with given masking noise [N * n_masks, L] (no host sync, no data-dependent
+        shape: CUDA-graph capturable). The MAE (a cast copy for bf16/fp16, autocast off; or the model
+        under autocast with ``cast_weights=False``) sees the image in its weights' dtype; the loss is
+        computed outside any autocast, on the prediction cast to the source model's dtype (fp32
+        statistics and reduction for an fp32 model), so the input gradient comes back in that dtype."""
         n = x.shape[0]
         dev = x.device
         if amp_dtype is None:
             amp_dtype = self.compute_dtype(dev)
-        mdtype = m.patch_embed.proj.weight.dtype
-        if x.dtype != mdtype:  # the iterate keeps its own dtype (fp64 stays fp64); the model sees its dtype
-            x = x.to(mdtype)
+        m = self.compute_model(amp_dtype) if model is None else model
+        tdtype = _float_dtype(self.model)  # the loss runs in the source model's dtype (fp32 as a rule)
+        if x.dtype != tdtype:
+            x = x.to(tdtype)
         xr = x.repeat(self.n_masks, 1, 1, 1) if self.n_masks > 1 else x
-        with model_autocast(dev, amp_dtype):
-            latent, mask, ids_restore = m.forward_encoder(xr, self.mask_ratio, noise)
+        mdtype = _float_dtype(m)
+        with compute_context(m, dev, amp_dtype):
+            latent, mask, ids_restore = m.forward_encoder(xr.to(mdtype) if xr.dtype != mdtype else xr,
+                                                          self.mask_ratio, noise)
             pred = m.forward_decoder(latent, ids_restore)
         with fp32_region(dev):
             if pred.dtype != xr.dtype:
@@ -230,12 +270,13 @@ class MAEPure(nn.Module):
     def purify(self, x: torch.Tensor, validate: bool = True) -> torch.Tensor:
         """Purify without building a graph (chunks of ``batch_size``).
 
-        ``validate`` checks the pixels (finite, in [0, 1]; one host sync) before any work;
-        ``validate=False`` skips that for inputs checked already. The steps themselves never
+        ``validate`` checks the pixel values (finite, in [0, 1]): on CUDA with one host sync for a
+        new (shape, dtype, device), asynchronously after that; on the CPU at once.
+        ``validate=False`` skips them for inputs checked already. The steps themselves never
         synchronize (unless ``progress`` or ``early_stop`` asks for values on the host)."""
         self._check(x)
         if validate:
-            check_pixels(x, "x")
+            self._guard(x, "x")
         if self.cuda_graph:
             if self.early_stop is not None:
                 raise ValueError("cuda_graph=True does not support early_stop; set early_stop=None or cuda_graph=False")
@@ -247,6 +288,7 @@ class MAEPure(nn.Module):
         chunk = self._purify_chunk_graph if self.cuda_graph else self._purify_chunk
         gen = self._generator(x.device)
         amp = self.compute_dtype(x.device)
+        self.compute_model(amp)  # cast / refresh the low-precision copy once per call, before the chunks
         outs, counts = [], []
         for k in range(0, x.shape[0], self.batch_size):
             o, c = chunk(x[k:k + self.batch_size], gen, amp_dtype=amp)
@@ -259,6 +301,7 @@ class MAEPure(nn.Module):
                       ) -> tuple[torch.Tensor, torch.Tensor]:
         if amp_dtype is None:
             amp_dtype = self.compute_dtype(x.device)
+        model = self.compute_model(amp_dtype)
         x0 = x.detach().float().clone() if x.dtype != torch.float64 else x.detach().clone()
         xs = x0.clone()
         n = x0.shape[0]
@@ -270,7 +313,7 @@ class MAEPure(nn.Module):
             xa = xs.index_select(0, active) if active.numel() < n else xs
             with torch.enable_grad():
                 xg = xa.detach().requires_grad_(True)
-                loss = self.recon_loss(xg, gen, amp_dtype=amp_dtype)
+                loss = self.recon_loss(xg, gen, amp_dtype=amp_dtype, model=model)
                 grad = torch.autograd.grad(loss.sum(), xg)[0]
             x0a = x0.index_select(0, active) if active.numel() < n else x0
             xa = xa.clone() if active.numel() < n else xa
@@ -297,10 +340,13 @@ class MAEPure(nn.Module):
         self._graphs.clear()
 
     def _graph_key(self, x0: torch.Tensor, amp_dtype: torch.dtype) -> tuple:
-        m = self.model
+        """Everything a captured step bakes in: shapes, dtypes, settings, and the storages of the
+        module that runs (the cast copy refreshes its weights in place, so a graph stays valid
+        across weight updates; a rebuilt copy has new storages and gets a new graph)."""
+        m = self.compute_model(amp_dtype)
         blocks = list(m.blocks) + list(m.decoder_blocks)
         return (tuple(x0.shape), x0.dtype, x0.device, amp_dtype, self.n_masks, self.mask_ratio, self.backend, m.ops_backend,
-                m.norm_pix_loss, tuple((b.attn.fused_attn, b.attn.backend, b.attn.keep_attn) for b in blocks),
+                m.norm_pix_loss, tuple((b.attn.fused_attn, b.attn.backend, b.attn.keep_attn) for b in blocks), id(m),
                 tuple(p.data_ptr() for p in m.parameters()), tuple(b.data_ptr() for b in m.buffers()))
 
     def _step_graph(self, x0: torch.Tensor, capture: bool = True, amp_dtype: torch.dtype | None = None
@@ -319,7 +365,7 @@ class MAEPure(nn.Module):
                             ) -> tuple[torch.Tensor, torch.Tensor]:
         """``_purify_chunk`` (no early stop) by replays of one captured step. ``capture=False`` runs the
         same static-buffer code eagerly (any device; a CPU test of the bookkeeping). ``amp_dtype``: the
-        model's compute dtype (default: ``compute_dtype``), autocast inside the captured step."""
+        model's compute dtype (default: ``compute_dtype``); its compute model runs inside the captured step."""
         if amp_dtype is None:
             amp_dtype = self.compute_dtype(x.device)
         for name, v in (("step_size", self.step_size), ("eta", self.eta)):  # pgd_step_'s checks, done once
@@ -347,6 +393,24 @@ class MAEPure(nn.Module):
                 bar.set_postfix(loss=f"{float(sg.loss.mean()):.4f}")
         return sg.x.clone().to(x.dtype), steps_run
 
+    def purification_step_(self, x: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, step: torch.Tensor,
+                           eps: torch.Tensor, amp_dtype: torch.dtype, model: MaskedAutoencoderViT,
+                           pgd_backend: str) -> torch.Tensor:
+        """One MAE-Pure step on static buffers, updating ``x`` in place; returns the per-sample loss.
+
+        The masked MAE forward (``model`` in ``amp_dtype``; mask from ``noise`` [N * n_masks, L]),
+        the reconstruction loss and its gradient with respect to ``x``, and the fused sign step
+        ``x <- clip(x - step * sign(grad))`` to the ``eps``-ball around ``x0`` and to [0, 1]
+        (``step``, ``eps``: per-sample tensors [N]). No host synchronization, no data-dependent
+        shape, no allocation whose size depends on values, no argument check that reads a device
+        value: the callable a CUDA graph captures (``cuda_graph=True``) and replays."""
+        with torch.enable_grad():
+            xg = x.detach().requires_grad_(True)
+            loss = self._recon_loss_noise(xg, noise, amp_dtype=amp_dtype, model=model)
+            grad = torch.autograd.grad(loss.sum(), xg)[0]
+        _pgd_step_inplace_validated(x, grad, x0, step, eps, "linf", -1, 0.0, 1.0, pgd_backend)
+        return loss.detach()
+
     # --------------------------------------------------------- differentiable
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Differentiable through all S steps when ``x.requires_grad``; otherwise ``purify``.
@@ -371,6 +435,7 @@ class MAEPure(nn.Module):
     def _forward_graph(self, x: torch.Tensor) -> torch.Tensor:
         gen = self._generator(x.device)
         amp = self.compute_dtype(x.device)
+        model = self.compute_model(amp)
         x0 = x
         xs = x
         n = x.shape[0]
@@ -380,12 +445,12 @@ class MAEPure(nn.Module):
         for s in tqdm(range(self.steps), desc="MAE-Pure (grad)", leave=False, disable=not self.progress):
             if self.exact_graph:
                 # reference loss: native loss kernels need not be twice differentiable
-                loss = self.recon_loss(xs, gen, loss_backend="torch", amp_dtype=amp)
+                loss = self.recon_loss(xs, gen, loss_backend="torch", amp_dtype=amp, model=model)
                 g = torch.autograd.grad(loss.sum(), xs, create_graph=True)[0]
             else:
                 with torch.enable_grad():
                     xg = xs.detach().requires_grad_(True)
-                    loss = self.recon_loss(xg, gen, amp_dtype=amp)
+                    loss = self.recon_loss(xg, gen, amp_dtype=amp, model=model)
                     g = torch.autograd.grad(loss.sum(), xg)[0]
             step = torch.full((n,), self.step_size_at(s), device=x.device, dtype=torch.float32)
             step = torch.where(frozen, torch.zeros_like(step), step)
@@ -408,15 +473,19 @@ class _StepGraph:
 
     Buffers: ``x`` (iterate, updated in place), ``x0`` (clean input), ``noise`` [N * n_masks, L],
     ``step`` / ``eps`` [N] (the iterate's dtype), ``loss`` [N] (output of the last run).
-    ``amp_dtype``: the MAE's compute dtype; its autocast region is part of the captured step.
+    ``amp_dtype``: the MAE's compute dtype; ``model``: the module that runs (the cast copy for
+    bf16/fp16), fixed at construction. The step is ``MAEPure.purification_step_`` on these buffers.
+    ``cuda``: the namespace the capture calls (``torch.cuda``; CPU tests pass a stand-in).
     """
 
-    def __init__(self, pur: MAEPure, x0: torch.Tensor, capture: bool, amp_dtype: torch.dtype = torch.float32):
+    def __init__(self, pur: MAEPure, x0: torch.Tensor, capture: bool, amp_dtype: torch.dtype = torch.float32,
+                 cuda=None):
         dev, cdtype = x0.device, x0.dtype
         n = x0.shape[0]
         length = pur.model.patch_embed.num_patches
         self.pur = pur
         self.amp_dtype = amp_dtype
+        self.model = pur.compute_model(amp_dtype)
         self.x = torch.full_like(x0, 0.5, memory_format=torch.contiguous_format)
         self.x0 = torch.full_like(x0, 0.5, memory_format=torch.contiguous_format)
         # placeholder noise for the warm-up; deterministic, so building a graph never consumes RNG state
@@ -427,32 +496,28 @@ class _StepGraph:
         self.graph = None
         self.loss = torch.zeros(n, dtype=cdtype, device=dev)
         if capture:
-            self._capture(dev)
+            self._capture(dev, cuda if cuda is not None else torch.cuda)
 
     def _step(self) -> torch.Tensor:
-        with torch.enable_grad():
-            xg = self.x.detach().requires_grad_(True)
-            loss = self.pur._recon_loss_noise(xg, self.noise, amp_dtype=self.amp_dtype)
-            grad = torch.autograd.grad(loss.sum(), xg)[0]
-        _pgd_step_inplace_validated(self.x, grad, self.x0, self.step, self.eps, "linf", -1, 0.0, 1.0, self.backend)
-        return loss.detach()
+        return self.pur.purification_step_(self.x, self.x0, self.noise, self.step, self.eps, self.amp_dtype,
+                                           self.model, self.backend)
 
-    def _capture(self, dev: torch.device) -> None:
-        params = list(self.pur.model.parameters())
+    def _capture(self, dev: torch.device, cuda) -> None:
+        params = list(dict.fromkeys(list(self.pur.model.parameters()) + list(self.model.parameters())))
         old = [p.requires_grad for p in params]
         try:
             for p in params:
                 p.requires_grad_(False)
-            with torch.cuda.device(dev):
+            with cuda.device(dev):
                 # warm-up on a side stream (lazy init, cuBLAS handles, Triton JIT/autotune) as torch.cuda.graphs requires
-                side = torch.cuda.Stream()
-                side.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(side):
+                side = cuda.Stream()
+                side.wait_stream(cuda.current_stream())
+                with cuda.stream(side):
                     for _ in range(3):
                         self._step()
-                torch.cuda.current_stream().wait_stream(side)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
+                cuda.current_stream().wait_stream(side)
+                graph = cuda.CUDAGraph()
+                with cuda.graph(graph):
                     self.loss = self._step()
             self.graph = graph
         finally:

@@ -5,52 +5,77 @@
 ``purify`` runs without gradients in bounded-memory chunks. Images larger than
 the model's input are purified tile by tile with overlap blending.
 
-Precision (``precision=``, also on ``MAEPure``): the model runs under
-``torch.autocast`` in the chosen dtype; inputs are cast to the model's dtype
-first, the output is clamped in fp32 and returned in the input's dtype.
+Precision (``precision=``, also on ``MAEPure``):
 
 =========  ================================================================
-``fp32``   no autocast (an autocast region of the caller is switched off)
-``bf16``   autocast bfloat16 (CUDA; CPU autocast supports it too)
-``fp16``   autocast float16
-``auto``   the caller's autocast if one is active on the input's device
-           (e.g. ``with torch.autocast("cuda", torch.bfloat16): pur.purify(x)``),
-           else ``AUTO_PRECISION[device type]``: fp32 on the CPU, and fp32 on
-           CUDA too for now -- see below
+``fp32``   the model's own weights, no autocast (an autocast region of the
+           caller is switched off)
+``bf16``   a bfloat16 copy of the model (see below); CPU supports it too
+``fp16``   a float16 copy of the model
+``auto``   the caller's autocast dtype if an autocast region is open on the
+           input's device (``with torch.autocast("cuda", torch.bfloat16):
+           pur.purify(x)``), else ``AUTO_PRECISION[device type]``
 =========  ================================================================
 
-The default is ``"auto"``, and ``"auto"`` is fp32 on CUDA too, for now. Issue
-14 asks for bf16 as the CUDA default if that moves the demo's robust
-accuracies by at most 1 point. Only a CPU stand-in was measured (CPU bf16
-autocast; no GPU in that session): on the 360 embedded test digits, clean and
-PGD-10 adversarial (eps 32/255), bf16 MAEP purification changed a small
-classifier's prediction on 0 % and 0.28 % of the images (1 of 360; MAE-Pure
-S = 6: 0.83 %), so accuracies moved by at most 0.3 point; tested in
-tests/test_precision.py (<= 1 %). And once on the demo itself (its MAEP
-trained as ``python3 -m maep_fast demo`` does, seed 0, evaluated with CPU bf16
-autocast against fp32): clean 95.83 / 95.83 %, oblivious PGD-20 44.17 /
-45.00 %, adaptive full-gradient PGD-20 8.61 / 8.61 %; MAE-Pure demo rows
-(64 images, clean / oblivious) 95.31 / 12.50 % in both. So at most 0.83 point,
-on the CPU. That does not settle the GPU: its bf16
-kernels (cuBLAS, SDPA flash attention) round and accumulate differently from
-the CPU's, GPU tests written against fp32 purification
-(tests/test_gpu_backends.py) and the benchmark's fp32 rows rely on the fp32
-default, and the criterion is the demo's own rows. So
-``AUTO_PRECISION["cuda"]`` stays ``"fp32"`` until a GPU run measures the demo's
-rows under ``precision="bf16"``; switching is that one entry. Ask for
-``precision="bf16"`` to get bf16 now.
+``AUTO_PRECISION`` is fp32 on the CPU and on CUDA. bf16 moves a trained
+purifier's outputs by bf16 rounding only (tests/test_precision.py bounds the
+prediction flips of a small classifier on purified digits), but the CUDA
+default changes only on a GPU measurement of the demo's evaluation rows under
+both precisions (``bench/precision_demo.py`` writes it); switching is the one
+``AUTO_PRECISION["cuda"]`` entry. Ask for ``precision="bf16"`` to get it now.
+
+How bf16 / fp16 run (``cast_weights=True``, the default): the model's
+parameters and floating buffers are cast to the compute dtype once, into a
+cached copy of the model (``compute_model``), and the copy runs with autocast
+off. So no weight is re-cast per call (autocast casts every weight on every
+call: a full read of the fp32 weights and a write of the copy, per forward),
+and the whole network -- residual stream, LayerNorm, attention, MLP -- stays
+in the compute dtype (under autocast LayerNorm returns fp32 and the residual
+stream would be fp32). The input is cast to the compute dtype; the output is
+clamped in fp32 and returned in the input's dtype. The copy holds
+``1 / 2`` of the fp32 weights' memory on top of them.
+
+The copy follows the model: before each call the parameters' versions (bumped
+by every in-place write: optimizer steps, ``load_state_dict``, ``nn.init``)
+and storages are compared with the copy's source, and changed weights are cast
+into the copy in place (its storages stay put, so compiled functions and
+CUDA graphs that read them stay valid). A change of the attention switches or
+the backend rebuilds the copy. Writes that bypass the version counter
+(``param.data.copy_(...)``) are not seen: call ``refresh_weights()`` after
+them. ``cast_weights=False`` runs the fp32 model under ``torch.autocast``
+instead (no extra memory; weights re-cast per call; fp32 residual stream).
+fp16 keeps the residual stream in fp16: a model whose activations exceed
+65504 overflows there; prefer bf16.
+
+Fusions: in eager mode each Linear's bias, GELU, the residual add and the
+LayerNorm are separate kernels. ``compile=True`` (torch.compile/inductor)
+fuses these epilogues, and the elementwise ops between GEMMs, into the
+neighbouring kernels; there is no hand-written fused kernel for them.
+
+Input checks: ``purify(x)`` checks the pixel values (finite, in [0, 1]) of
+its input. Reading a device value back synchronizes the host with the GPU,
+so on CUDA the check synchronizes only on the first call for each
+(shape, dtype, device); later calls with a known key compute the check on
+the device and copy its flag to pinned host memory without waiting, and a
+later call raises ``ValueError`` for it once the flag has arrived
+(``check_pending(wait=True)`` waits for and raises every outstanding flag).
+The steady state of a purification loop therefore never synchronizes. On the
+CPU every call is checked at once. ``validate=False`` skips the value checks
+(inputs the caller has checked, e.g. inside an attack loop); shape, dtype and
+device checks always run (they read no device values).
 
 torch.compile (``compile=True``, or a torch.compile mode string): ``purify``
 (the no-grad path; ``forward`` stays eager for autograd) runs the model's
 fused path -- attention by SDPA or the ``maep_fast::`` custom ops, which
 carry fake kernels, so inductor traces it whole (``fullgraph=True``: a graph
 break is an error, not a silent fallback) -- compiled lazily on the first
-call and cached per (image shape, input dtype, device, compute dtype, mode).
+call and cached per (image shape, input dtype, device, compute dtype, mode,
+compute model).
 
 - Mode rule for ``compile=True``: on CUDA, chunks of at most
   ``CUDA_GRAPH_MAX_BATCH`` (128) images use ``mode="reduce-overhead"`` (CUDA
-  graphs: the launch and host cost that made the fused path slower than eager
-  at B128 on the H200 is replayed away); larger chunks, where the kernels
+  graphs replay the launches of a small chunk, whose host cost would
+  otherwise exceed its kernels' time); larger chunks, where the kernels
   dominate, and every other device use the default mode. A mode string
   (``compile="max-autotune"``, ``"default"``, ...) is used as given.
 - Batch sizes: the batch dimension is marked dynamic
@@ -68,6 +93,7 @@ call and cached per (image shape, input dtype, device, compute dtype, mode).
 """
 from __future__ import annotations
 
+import copy
 import itertools
 import types
 from pathlib import Path
@@ -120,21 +146,192 @@ def fp32_region(device: torch.device):
     return torch.autocast(device.type, enabled=False)
 
 
+def compute_context(model: nn.Module, device: torch.device, dtype: torch.dtype):
+    """The region ``model`` runs in for compute dtype ``dtype``: autocast off when the model already
+    holds its weights in ``dtype`` (a cast copy, or fp32 / fp64), else ``model_autocast``."""
+    if _float_dtype(model) == dtype or dtype not in (torch.float16, torch.bfloat16):
+        return torch.autocast(device.type, enabled=False)
+    return model_autocast(device, dtype)
+
+
 def _next_pow2(n: int) -> int:
     return 1 << (n - 1).bit_length()
+
+
+def _float_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of the model's first floating parameter (MAE: the patch embedding's weight)."""
+    pe = getattr(model, "patch_embed", None)
+    if pe is not None:
+        return pe.proj.weight.dtype
+    return next(p.dtype for p in model.parameters() if p.is_floating_point())
+
+
+class CastModelCache:
+    """Copies of ``model`` with floating parameters and buffers cast to a compute dtype, made once
+    and kept in step with the model's weights (module docstring of ``maep_fast.purify.maep``).
+
+    ``get(dtype)`` returns the model itself for fp32/fp64 or when its weights already are in
+    ``dtype``; else the cached copy for (dtype, attention settings). Each ``get`` compares the
+    version counter and storage of every source tensor with what the copy was cast from and
+    re-casts the changed ones in place (the copy's storages never move). The list of source
+    tensors is taken when the copy is built: after replacing a parameter object (assignment,
+    ``load_state_dict(assign=True)``) or a write that bypasses the version counter
+    (``param.data.copy_``), call ``invalidate()``. The copy's parameters never require grad
+    (gradients reach the input, not the copy); its train/eval mode follows the model.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self._attns = [b.attn for b in list(getattr(model, "blocks", ())) + list(getattr(model, "decoder_blocks", ()))]
+        self._copies: dict = {}  # (dtype, settings) -> [copy, source tensors, dest tensors, signature]
+        self._stale = False
+
+    @staticmethod
+    def _tensors(model: nn.Module) -> list[torch.Tensor]:
+        return [t for t in itertools.chain(model.parameters(), model.buffers()) if t.is_floating_point()]
+
+    @staticmethod
+    def _signature(tensors: list[torch.Tensor]) -> list:
+        return [(t._version, t.data_ptr()) for t in tensors]
+
+    def _settings(self) -> tuple:
+        m = self.model
+        return (getattr(m, "ops_backend", None), getattr(m, "norm_pix_loss", None),
+                tuple((a.fused_attn, a.backend) for a in self._attns))
+
+    def _build(self, dtype: torch.dtype, src: list[torch.Tensor]) -> list:
+        m = self.model
+        memo: dict = {}
+        for mod in m.modules():  # cast while copying: never a second fp32 copy of the weights
+            for p in mod._parameters.values():
+                if p is not None and p.is_floating_point() and id(p) not in memo:
+                    memo[id(p)] = nn.Parameter(p.detach().to(dtype), requires_grad=False)
+            for b in mod._buffers.values():
+                if b is not None and b.is_floating_point() and id(b) not in memo:
+                    memo[id(b)] = b.detach().to(dtype)
+        # per-call state of the source (attention maps of an AMV run) is not copied
+        saved = [(a, a.last_attn) for a in self._attns if getattr(a, "last_attn", None) is not None]
+        for a, _ in saved:
+            a.last_attn = None
+        try:
+            cp = copy.deepcopy(m, memo)
+        finally:
+            for a, la in saved:
+                a.last_attn = la
+        cp.requires_grad_(False)
+        return [cp, src, self._tensors(cp), self._signature(src)]
+
+    def _refresh(self, entry: list, src: list[torch.Tensor], sig: list) -> None:
+        with torch.no_grad():
+            for s_new, d, old, new in zip(src, entry[2], entry[3], sig):
+                if old != new:
+                    d.copy_(s_new.detach())
+        entry[1], entry[3] = src, sig
+
+    def get(self, dtype: torch.dtype) -> nn.Module:
+        m = self.model
+        if dtype not in (torch.float16, torch.bfloat16) or _float_dtype(m) == dtype:
+            return m
+        if self._stale:  # re-take the source tensors of every copy and re-cast all of them
+            self._stale = False
+            src = self._tensors(m)
+            for key, entry in list(self._copies.items()):
+                if len(entry[2]) != len(src) or any(a.shape != b.shape for a, b in zip(entry[2], src)):
+                    del self._copies[key]
+                else:
+                    self._refresh(entry, src, [None] * len(src))
+                    entry[3] = self._signature(src)
+        key = (dtype, self._settings())  # one copy per setting (MAE-Pure's exact_graph toggles fused attention)
+        entry = self._copies.get(key)
+        if entry is None:
+            entry = self._copies[key] = self._build(dtype, self._tensors(m))
+        else:
+            sig = self._signature(entry[1])
+            if sig != entry[3]:
+                self._refresh(entry, entry[1], sig)
+        cp = entry[0]
+        if cp.training != m.training:
+            cp.train(m.training)
+        return cp
+
+    def invalidate(self) -> None:
+        """Re-take the model's tensors and re-cast all of them on the next ``get`` (in place when
+        the shapes still match, else the copy is rebuilt)."""
+        self._stale = True
+
+    def clear(self) -> None:
+        """Drop the copies (their memory)."""
+        self._copies.clear()
+
+
+class PixelGuard:
+    """Value checks of purifier inputs (finite, in [0, 1]) without a host sync in the steady state.
+
+    CPU inputs are checked at once (``check_pixels``). A CUDA input is checked synchronously the
+    first time its (shape, dtype, device) is seen; later inputs of a known key get a device-side
+    check whose flag is copied to pinned host memory without waiting, and ``check_pending`` (run at
+    the start of every later call) raises ``ValueError`` for a flag that has arrived and is set.
+    ``async_devices`` (device types) says where the deferred check applies (tests put "cpu" in it).
+    """
+
+    def __init__(self, async_devices: tuple[str, ...] = ("cuda",)):
+        self.async_devices = async_devices
+        self._seen: set = set()
+        self._pending: list = []  # (host flag, event or None, description)
+
+    def __call__(self, x: torch.Tensor, name: str = "x") -> None:
+        self.check_pending(name)
+        key = (tuple(x.shape), x.dtype, x.device)
+        if x.device.type not in self.async_devices or key not in self._seen:
+            check_pixels(x, name)
+            self._seen.add(key)
+            return
+        xd = x.detach()
+        mn, mx = torch.aminmax(xd)
+        bad = (~torch.isfinite(xd)).any() | (mn < -1e-6) | (mx > 1 + 1e-6)
+        if x.device.type == "cuda":
+            host = torch.empty((), dtype=torch.bool, pin_memory=True)
+            host.copy_(bad, non_blocking=True)
+            ev = torch.cuda.Event()
+            ev.record()
+        else:
+            host, ev = bad, None
+        self._pending.append((host, ev, f"{name} of shape {tuple(x.shape)}"))
+
+    def check_pending(self, name: str = "x", wait: bool = False) -> None:
+        """Raise ``ValueError`` for a deferred check that found NaN/Inf or a pixel outside [0, 1]
+        (``wait``: wait for every outstanding check first; otherwise never blocks)."""
+        keep = []
+        for host, ev, what in self._pending:
+            if ev is not None and not wait and not ev.query():
+                keep.append((host, ev, what))
+                continue
+            if ev is not None:
+                ev.synchronize()
+            if bool(host):
+                self._pending = []
+                raise ValueError(f"{name}: an earlier input ({what}) contained NaN/Inf or pixel values outside "
+                                 "[0, 1] (found by the asynchronous check; its output is invalid)")
+        self._pending = keep
+
+    def reset(self) -> None:
+        self._seen.clear()
+        self._pending = []
 
 
 class Purifier(nn.Module):
     """x [N, C, H, W] in [0, 1] -> purified [N, C, H, W] in [0, 1] (H, W >= img_size).
 
     ``precision``: "auto" (default) | "fp32" | "bf16" | "fp16" (module docstring; "auto" is fp32
-    unless the caller has an autocast region open). ``compile``: False (eager), True (torch.compile
-    with the mode rule of the module docstring) or a torch.compile mode string; it applies to
-    ``purify`` only.
+    unless the caller has an autocast region open). ``cast_weights`` (default True): bf16/fp16 run a
+    cached copy of the model cast once to that dtype, residual stream included; False: the fp32
+    model under autocast. ``compile``: False (eager), True (torch.compile with the mode rule of the
+    module docstring) or a torch.compile mode string; it applies to ``purify`` only.
     """
 
     def __init__(self, model: MaskedAutoencoderViT, batch_size: int = 256, tile_overlap: int | None = None,
-                 fused: bool = True, compile: bool | str = False, precision: str = DEFAULT_PRECISION):
+                 fused: bool = True, compile: bool | str = False, precision: str = DEFAULT_PRECISION,
+                 cast_weights: bool = True):
         super().__init__()
         if not isinstance(model, MaskedAutoencoderViT):
             raise TypeError(f"model must be a MaskedAutoencoderViT, got {type(model).__name__}")
@@ -153,6 +350,11 @@ class Purifier(nn.Module):
         if not 0 <= self.tile_overlap < t:
             raise ValueError(f"tile_overlap must be in [0, {t}), got {self.tile_overlap}")
         self.precision = check_precision(precision)
+        if not isinstance(cast_weights, bool):
+            raise TypeError(f"cast_weights must be a bool, got {type(cast_weights).__name__}")
+        self.cast_weights = cast_weights
+        self._casts = CastModelCache(self.model)
+        self._guard = PixelGuard()
         self.compile = compile
         self.compile_backend = "inductor"  # torch.compile backend (tests swap in a counting one)
         self._compiled: dict = {}  # (C, H, W, input dtype, device, compute dtype, mode) -> compiled fn
@@ -172,14 +374,32 @@ class Purifier(nn.Module):
     def _model_dtype(self) -> torch.dtype:
         return self.model.patch_embed.proj.weight.dtype
 
-    def _single(self, x: torch.Tensor, cdtype: torch.dtype | None = None) -> torch.Tensor:
-        """One model-sized batch: cast to the model's dtype, run under the precision's autocast,
-        clamp in fp32, return in x's dtype."""
+    def compute_model(self, cdtype: torch.dtype) -> MaskedAutoencoderViT:
+        """The module that runs for compute dtype ``cdtype``: the cached cast copy for bf16/fp16
+        (``cast_weights``), else the model itself."""
+        return self._casts.get(cdtype) if self.cast_weights else self.model
+
+    def refresh_weights(self) -> None:
+        """Re-cast the cached low-precision copy from the model's weights on the next call (needed
+        only after writes that bypass the version counter, e.g. ``param.data.copy_``)."""
+        self._casts.invalidate()
+
+    def check_pending(self, wait: bool = True) -> None:
+        """Raise ``ValueError`` if a deferred (asynchronous) pixel check of an earlier CUDA input
+        failed; ``wait=True`` waits for the outstanding checks (one synchronization)."""
+        self._guard.check_pending("x", wait=wait)
+
+    def _single(self, x: torch.Tensor, cdtype: torch.dtype | None = None,
+                model: MaskedAutoencoderViT | None = None) -> torch.Tensor:
+        """One model-sized batch: cast to the compute model's dtype, run it (autocast off for a
+        cast copy, the precision's autocast otherwise), clamp in fp32, return in x's dtype."""
         if cdtype is None:
             cdtype = self.compute_dtype(x.device)
-        xm = x.to(self._model_dtype())
-        with model_autocast(x.device, cdtype):
-            y = self.model.reconstruct(xm, mask_ratio=0.0)
+        if model is None:
+            model = self.compute_model(cdtype)
+        xm = x.to(_float_dtype(model))
+        with compute_context(model, x.device, cdtype):
+            y = model.reconstruct(xm, mask_ratio=0.0)
         return y.float().clamp(0.0, 1.0).to(x.dtype)
 
     def _check(self, x: torch.Tensor) -> torch.Tensor:
@@ -201,7 +421,8 @@ class Purifier(nn.Module):
         calls this at every step, and its entry point has checked the pixels once (``pgd_attack``)."""
         self._check(x)
         cdt = self.compute_dtype(x.device)
-        fn = lambda t: self._single(t, cdt)  # noqa: E731
+        model = self.compute_model(cdt)
+        fn = lambda t: self._single(t, cdt, model)  # noqa: E731
         if x.shape[-2:] == (self.img_size, self.img_size):
             return fn(x)
         return tiled_apply(fn, x, self.img_size, self.tile_overlap, max_batch=self.batch_size)
@@ -226,14 +447,14 @@ class Purifier(nn.Module):
             return max(2, min(_next_pow2(n), max(self.batch_size, n)))
         return max(2, n)
 
-    def _compiled_fn(self, x: torch.Tensor, cdtype: torch.dtype, mode: str):
-        key = (tuple(x.shape[1:]), x.dtype, x.device, cdtype, mode)
+    def _compiled_fn(self, x: torch.Tensor, cdtype: torch.dtype, mode: str, model: MaskedAutoencoderViT):
+        key = (tuple(x.shape[1:]), x.dtype, x.device, cdtype, mode, id(model))
         fn = self._compiled.get(key)
         if fn is None:
             single = self._single
 
             def run(t: torch.Tensor) -> torch.Tensor:
-                return single(t, cdtype)
+                return single(t, cdtype, model)
 
             # dynamo keeps its cache, and counts its recompile limit (8), per code object: a code object
             # of its own per purifier and key, so that many purifiers / dtypes / modes in one process
@@ -245,7 +466,7 @@ class Purifier(nn.Module):
             self._compiled[key] = fn
         return fn
 
-    def _run_compiled(self, x: torch.Tensor, cdtype: torch.dtype) -> torch.Tensor:
+    def _run_compiled(self, x: torch.Tensor, cdtype: torch.dtype, model: MaskedAutoencoderViT) -> torch.Tensor:
         """One chunk of model-sized images through the compiled path (padded, copied out)."""
         n = x.shape[0]
         mode = self.compile_mode(x.device, n)
@@ -253,7 +474,7 @@ class Purifier(nn.Module):
         xp = x if nb == n else torch.cat([x, x.new_zeros((nb - n, *x.shape[1:]))])
         xp = xp.contiguous()
         torch._dynamo.maybe_mark_dynamic(xp, 0)
-        fn = self._compiled_fn(xp, cdtype, mode)
+        fn = self._compiled_fn(xp, cdtype, mode, model)
         graphs = self.records_cuda_graphs(mode, x.device)
         if graphs:
             torch.compiler.cudagraph_mark_step_begin()  # inference: each call is a new step
@@ -271,17 +492,20 @@ class Purifier(nn.Module):
     def purify(self, x: torch.Tensor, validate: bool = True) -> torch.Tensor:
         """Purify any number of images in chunks of ``batch_size`` without gradients.
 
-        ``validate`` checks the pixels (finite, in [0, 1]; one host sync) before any work;
-        ``validate=False`` skips that for inputs checked already, and then nothing here
-        synchronizes with a CUDA device. With ``compile`` the chunks run the compiled path."""
+        ``validate`` (default True) checks the pixel values (finite, in [0, 1]): on CUDA with one
+        host sync the first time an input's (shape, dtype, device) is seen and asynchronously after
+        that (module docstring), on the CPU at once. ``validate=False`` skips the value checks for
+        inputs checked already (metadata checks still run); then nothing here waits for a CUDA
+        device. With ``compile`` the chunks run the compiled path."""
         self._check(x)
         if validate:
-            check_pixels(x, "x")
+            self._guard(x, "x")
         cdt = self.compute_dtype(x.device)
+        model = self.compute_model(cdt)
         if self.compile:
-            single = lambda t: self._run_compiled(t, cdt)  # noqa: E731
+            single = lambda t: self._run_compiled(t, cdt, model)  # noqa: E731
         else:
-            single = lambda t: self._single(t, cdt)  # noqa: E731
+            single = lambda t: self._single(t, cdt, model)  # noqa: E731
         outs = []
         for k in range(0, x.shape[0], self.batch_size):
             chunk = x[k:k + self.batch_size]

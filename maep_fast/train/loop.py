@@ -33,6 +33,7 @@ seeded ``seed + rank`` (different masks on every rank, as in MAE).
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -41,6 +42,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from maep_fast._checks import check_bool, check_int, check_real
 from maep_fast.train import distributed as D
 from maep_fast.train.common import (
     autocast_for,
@@ -69,6 +71,30 @@ class LoopConfig:
     desc: str = "train"
     history: list = field(default_factory=list)
 
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """ValueError naming the first bad field (also run by ``fit``, as fields may change later)."""
+        check_int(self.epochs, "epochs", low=0)
+        check_int(self.batch_size, "batch_size", low=1)
+        check_real(self.lr, "lr", low=0, low_open=True)
+        check_real(self.weight_decay, "weight_decay", low=0)
+        check_real(self.warmup_epochs, "warmup_epochs", low=0)
+        check_int(self.seed, "seed", low=0)
+        check_bool(self.amp, "amp")
+        if self.grad_clip is not None:
+            check_real(self.grad_clip, "grad_clip", low=0)
+        if self.state_dir is not None and (not isinstance(self.state_dir, (str, os.PathLike)) or str(self.state_dir) == ""):
+            raise ValueError(f"state_dir must be None or a directory path, got {self.state_dir!r}")
+        check_bool(self.resume, "resume")
+        check_int(self.snapshot_every, "snapshot_every", low=0)
+        check_bool(self.progress, "progress")
+        if not isinstance(self.desc, str):
+            raise ValueError(f"desc must be a str, got {self.desc!r}")
+        if not isinstance(self.history, list):
+            raise ValueError(f"history must be a list, got {type(self.history).__name__}")
+
 
 def fit(
     model: nn.Module,
@@ -83,10 +109,9 @@ def fit(
     Single process or data parallel (see the module docstring); the call is
     the same.
     """
-    if cfg.epochs < 0:
-        raise ValueError(f"epochs must be >= 0, got {cfg.epochs}")
-    if isinstance(cfg.snapshot_every, bool) or not isinstance(cfg.snapshot_every, int) or cfg.snapshot_every < 0:
-        raise ValueError(f"snapshot_every must be an int >= 0, got {cfg.snapshot_every!r}")
+    if not isinstance(cfg, LoopConfig):
+        raise TypeError(f"cfg must be a LoopConfig, got {type(cfg).__name__}")
+    cfg.validate()
     if not params:
         raise ValueError("no trainable parameters")
     device = next(model.parameters()).device

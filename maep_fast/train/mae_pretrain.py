@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from maep_fast._checks import check_real
 from maep_fast.models.mae import MaskedAutoencoderViT
 from maep_fast.train.loop import LoopConfig, fit
 
@@ -37,16 +38,22 @@ class MAEPretrainConfig:
     loop: LoopConfig = field(default_factory=lambda: LoopConfig(epochs=50, lr=1.5e-3, warmup_epochs=2.0,
                                                                 desc="MAE pretrain"))
 
+    def __post_init__(self) -> None:
+        self.validate()
 
-def _check_cfg(cfg: MAEPretrainConfig) -> None:
-    if isinstance(cfg.mask_ratio, bool) or not isinstance(cfg.mask_ratio, (int, float)) or not 0 < cfg.mask_ratio < 1:
-        raise ValueError(f"mask_ratio must be a number in (0, 1), got {cfg.mask_ratio!r}")
-    if cfg.train not in TRAIN_CHOICES:
-        raise ValueError(f"train must be one of {TRAIN_CHOICES}, got {cfg.train!r}")
-    if cfg.norm_pix_loss is not None and not isinstance(cfg.norm_pix_loss, bool):
-        raise TypeError(f"norm_pix_loss must be None or a bool, got {cfg.norm_pix_loss!r}")
-    if not isinstance(cfg.loop, LoopConfig):
-        raise TypeError(f"loop must be a LoopConfig, got {type(cfg.loop).__name__}")
+    def validate(self) -> None:
+        """ValueError / TypeError naming the first bad field (``train_mae`` runs it again)."""
+        try:
+            check_real(self.mask_ratio, "mask_ratio", low=0, high=1, low_open=True, high_open=True)
+        except ValueError:
+            raise ValueError(f"mask_ratio must be a number in (0, 1), got {self.mask_ratio!r}") from None
+        if self.train not in TRAIN_CHOICES:
+            raise ValueError(f"train must be one of {TRAIN_CHOICES}, got {self.train!r}")
+        if self.norm_pix_loss is not None and not isinstance(self.norm_pix_loss, bool):
+            raise TypeError(f"norm_pix_loss must be None or a bool, got {self.norm_pix_loss!r}")
+        if not isinstance(self.loop, LoopConfig):
+            raise TypeError(f"loop must be a LoopConfig, got {type(self.loop).__name__}")
+        self.loop.validate()
 
 
 def mae_trainable_parameters(model: MaskedAutoencoderViT, train: str = "all") -> list[torch.nn.Parameter]:
@@ -72,7 +79,7 @@ def train_mae(model: MaskedAutoencoderViT, dataset, cfg: MAEPretrainConfig | Non
         raise TypeError(f"model must be a MaskedAutoencoderViT, got {type(model).__name__}")
     if not isinstance(cfg, MAEPretrainConfig):
         raise TypeError(f"cfg must be a MAEPretrainConfig, got {type(cfg).__name__}")
-    _check_cfg(cfg)
+    cfg.validate()
     if cfg.norm_pix_loss is not None and cfg.norm_pix_loss != model.norm_pix_loss:
         model.norm_pix_loss = cfg.norm_pix_loss
         model.config["norm_pix_loss"] = cfg.norm_pix_loss  # the checkpoint records what the decoder outputs

@@ -16,7 +16,7 @@ Three options beyond the paper, all off by default (``w_cls = 0``,
 * ``w_cls``: classifier guidance, ``+ w_cls * KL(f(x) || f(clamp(P(x_adv))))``
   with the frozen classifier f (the high-level guided loss of HGD, Liao et
   al. 2018). It trains the purifier for that classifier; on the digits it
-  is what brings the oblivious accuracy near clean (README, recipes).
+  is what brings the oblivious accuracy near clean (docs/results.md, recipes).
 * ``clean_frac``: that fraction of each batch is purified from the clean
   image (x -> x pairs), so clean inputs stay as they were.
 * ``AttackConfig.eps_min``: each batch's training eps is drawn from
@@ -39,23 +39,66 @@ from maep_fast.ops.patch_recon_loss import patch_recon_loss
 from maep_fast.train.loop import LoopConfig, fit
 
 
+ATTACK_TARGETS = ("classifier", "defended")
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v and abs(v) != float("inf")
+
+
+def _check_int(v, name: str, low: int) -> None:
+    if isinstance(v, bool) or not isinstance(v, int) or v < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {v!r}")
+
+
 @dataclass
 class AttackConfig:
-    """PGD used to make training pairs (default: L-inf 8/255, step 2/255, 10 steps).
+    """PGD used to make training pairs (default: L-inf 8/255, step 2/255, 10 steps, against the classifier).
 
     With ``eps_min`` each batch draws its eps uniformly from [eps_min, eps] (CPU generator)
     and scales the step size with it: a purifier trained at one eps only learns to undo
-    perturbations of that size."""
+    perturbations of that size.
+
+    ``target`` says what the PGD attacks:
+
+    * ``"classifier"`` (the paper's setting): the frozen classifier alone.
+    * ``"defended"``: classifier(purifier(x)) with the purifier's current weights, as it runs
+      at test time (mask ratio ``purifier_mask_ratio``, 0 = one pass of MAEP; above 0 the mean
+      of ``purifier_masks`` reconstructions under fresh random masks, as ``RandomizedMAEP``;
+      output clamped to [0, 1]), with the gradient averaged over ``eot`` draws. This is
+      adversarial training of the purifier against the attacker who sees it (AToP). A share
+      ``classifier_frac`` of the batches still gets classifier-only pairs.
+    """
 
     norm: str = "linf"
     eps: float = 8 / 255
     step_size: float = 2 / 255
     steps: int = 10
     eps_min: float | None = None
+    target: str = "classifier"
+    classifier_frac: float = 0.0
+    purifier_mask_ratio: float = 0.0
+    purifier_masks: int = 1
+    eot: int = 1
 
     def __post_init__(self):
-        if self.eps_min is not None and not (isinstance(self.eps_min, (int, float)) and 0 <= self.eps_min <= self.eps):
+        if self.norm not in ("linf", "l2"):
+            raise ValueError(f"norm must be 'linf' or 'l2', got {self.norm!r}")
+        for name in ("eps", "step_size"):
+            v = getattr(self, name)
+            if not (_is_number(v) and v >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+        _check_int(self.steps, "steps", 0)
+        if self.eps_min is not None and not (_is_number(self.eps_min) and 0 <= self.eps_min <= self.eps):
             raise ValueError(f"eps_min must be in [0, eps={self.eps:g}], got {self.eps_min!r}")
+        if self.target not in ATTACK_TARGETS:
+            raise ValueError(f"target must be one of {ATTACK_TARGETS}, got {self.target!r}")
+        if not (_is_number(self.classifier_frac) and 0 <= self.classifier_frac <= 1):
+            raise ValueError(f"classifier_frac must be in [0, 1], got {self.classifier_frac!r}")
+        if not (_is_number(self.purifier_mask_ratio) and 0 <= self.purifier_mask_ratio < 1):
+            raise ValueError(f"purifier_mask_ratio must be in [0, 1), got {self.purifier_mask_ratio!r}")
+        _check_int(self.purifier_masks, "purifier_masks", 1)
+        _check_int(self.eot, "eot", 1)
 
     def draw(self) -> tuple[float, float]:
         """(eps, step_size) for one batch."""
@@ -63,6 +106,13 @@ class AttackConfig:
             return self.eps, self.step_size
         eps = self.eps_min + (self.eps - self.eps_min) * torch.rand(()).item()
         return eps, self.step_size * eps / self.eps
+
+    def run_config(self) -> dict:
+        """The fields that define the pairs; options left at their defaults are omitted, so
+        snapshots written before an option existed still resume."""
+        defaults = AttackConfig.__dataclass_fields__
+        keep = ("norm", "eps", "step_size", "steps")
+        return {k: v for k, v in asdict(self).items() if k in keep or v != defaults[k].default}
 
 
 @dataclass
@@ -80,12 +130,23 @@ class MAEPConfig:
     clean_frac: float = 0.0  # fraction of each batch with the clean image as input
 
     def __post_init__(self):
-        for name in ("w_pur", "w_mae", "w_cls"):
+        if not (_is_number(self.mask_ratio) and 0 <= self.mask_ratio < 1):
+            raise ValueError(f"mask_ratio must be in [0, 1), got {self.mask_ratio!r}")
+        for name in ("w_pur", "w_mae", "w_cls", "lora_alpha"):
             v = getattr(self, name)
-            if not (isinstance(v, (int, float)) and v >= 0 and v == v and v != float("inf")):
+            if not (_is_number(v) and v >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
-        if not (isinstance(self.clean_frac, (int, float)) and 0 <= self.clean_frac < 1):
+        if not (_is_number(self.clean_frac) and 0 <= self.clean_frac < 1):
             raise ValueError(f"clean_frac must be in [0, 1), got {self.clean_frac!r}")
+        _check_int(self.lora_rank, "lora_rank", 1)
+        if not isinstance(self.fused, bool):
+            raise ValueError(f"fused must be a bool, got {self.fused!r}")
+        for name, cls in (("attack", AttackConfig), ("stage1", LoopConfig), ("stage2", LoopConfig)):
+            if not isinstance(getattr(self, name), cls):
+                raise ValueError(f"{name} must be a {cls.__name__}, got {type(getattr(self, name)).__name__}")
+        if self.attack.target == "defended" and self.w_cls == 0:
+            raise ValueError("attack.target='defended' trains against the attacker who sees the purifier: it needs "
+                             "the classification loss on the purified output, w_cls > 0")
 
     @property
     def backend(self) -> str:
@@ -112,12 +173,30 @@ class AdversarialPairs:
 
 
 def make_adversarial(classifier: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: AttackConfig,
-                     backend: str = "auto") -> torch.Tensor:
-    """PGD examples against the frozen ``classifier`` (fp32, outside any autocast)."""
+                     backend: str = "auto", purifier: MaskedAutoencoderViT | None = None) -> torch.Tensor:
+    """PGD examples [N, C, H, W] against the frozen ``classifier`` (fp32, outside any autocast), or,
+    with ``attack.target == "defended"`` and a ``purifier``, against classifier(purifier(x))."""
     eps, step_size = attack.draw()
+    through = attack.target == "defended" and purifier is not None
+    if through and attack.classifier_frac > 0:
+        through = torch.rand(()).item() >= attack.classifier_frac
+    model = defended_model(purifier, classifier, attack) if through else classifier
     with torch.autocast(x.device.type, enabled=False):
-        return pgd_attack(classifier, x, y, eps=eps, step_size=step_size, steps=attack.steps,
-                          norm=attack.norm, backend=backend)
+        return pgd_attack(model, x, y, eps=eps, step_size=step_size, steps=attack.steps, norm=attack.norm,
+                          eot=attack.eot if through else 1, backend=backend)
+
+
+def defended_model(purifier: MaskedAutoencoderViT, classifier: nn.Module, attack: AttackConfig):
+    """x [N, C, H, W] -> logits of classifier(clamp(P(x))), P as it runs at test time: one pass at mask
+    ratio 0, or the mean of ``attack.purifier_masks`` reconstructions under fresh random masks."""
+    r, k = attack.purifier_mask_ratio, attack.purifier_masks if attack.purifier_mask_ratio > 0 else 1
+
+    def logits(x: torch.Tensor) -> torch.Tensor:
+        outs = [purifier.reconstruct(x, mask_ratio=r) for _ in range(k)]
+        purified = outs[0] if k == 1 else torch.stack(outs).mean(0)
+        return classifier(purified.float().clamp(0.0, 1.0))
+
+    return logits
 
 
 def maep_loss(model: MaskedAutoencoderViT, x_adv: torch.Tensor, x: torch.Tensor, mask_ratio: float,
@@ -170,7 +249,7 @@ def _step_fn(model, classifier, cfg: MAEPConfig, mask_ratio: float):
             x, x_adv, _ = batch
         else:
             x, y = batch
-            x_adv = make_adversarial(classifier, x, y, cfg.attack, backend=cfg.backend)
+            x_adv = make_adversarial(classifier, x, y, cfg.attack, backend=cfg.backend, purifier=model)
         if cfg.clean_frac > 0:
             x_adv = _with_clean_inputs(x_adv, x, cfg.clean_frac)
         return maep_loss(model, x_adv, x, mask_ratio, cfg.w_pur, cfg.w_mae, classifier, cfg.w_cls)
@@ -180,9 +259,8 @@ def _step_fn(model, classifier, cfg: MAEPConfig, mask_ratio: float):
 
 def _run_config(stage: str, cfg: MAEPConfig, model: MaskedAutoencoderViT, loop: LoopConfig) -> dict:
     # the options beyond the paper enter only when used, so snapshots of plain runs still resume
-    attack = {k: v for k, v in asdict(cfg.attack).items() if not (k == "eps_min" and v is None)}
     run = {"stage": stage, "model": model.config, "mask_ratio": cfg.mask_ratio, "w_pur": cfg.w_pur,
-           "w_mae": cfg.w_mae, "attack": attack, "lr": loop.lr, "batch_size": loop.batch_size,
+           "w_mae": cfg.w_mae, "attack": cfg.attack.run_config(), "lr": loop.lr, "batch_size": loop.batch_size,
            "lora_rank": cfg.lora_rank}
     run.update({k: getattr(cfg, k) for k in ("w_cls", "clean_frac") if getattr(cfg, k)})
     return run

@@ -23,7 +23,9 @@ Both run on ``maep_fast.train.loop.fit``.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -109,22 +111,57 @@ def train_mimir(model: MaskedAutoencoderViT, dataset, cfg: MIMIRConfig | None = 
     return fit(model, params, dataset, step, cfg.loop, run_cfg)
 
 
+def _snapshot_step(loop: LoopConfig) -> int:
+    """Optimizer steps already taken by the snapshot ``fit`` will resume from (0 without one)."""
+    if not (loop.resume and loop.state_dir):
+        return 0
+    state = Path(loop.state_dir) / "state.json"
+    if not state.is_file():
+        return 0
+    return int(json.loads(state.read_text()).get("step", 0))
+
+
+def eps_at(step: int, total_steps: int, eps: float, eps_start: float | None, ramp_frac: float) -> float:
+    """The training eps at optimizer step ``step`` of ``total_steps``: linear from ``eps_start`` to ``eps``
+    over the first ``ramp_frac`` of the steps, then ``eps`` (``eps_start=None`` or ``ramp_frac=0``: always eps)."""
+    if eps_start is None or ramp_frac <= 0:
+        return eps
+    ramp = ramp_frac * max(total_steps, 1)
+    if step >= ramp:
+        return eps
+    return eps_start + (eps - eps_start) * step / ramp
+
+
 def adversarial_finetune(classifier: nn.Module, dataset, eps: float = 8 / 255, alpha: float = 2 / 255,
                          steps: int = 10, trades_beta: float | None = None, loop: LoopConfig | None = None,
-                         norm: str = "linf") -> list[dict]:
-    """PGD adversarial training (``trades_beta=None``) or TRADES (``trades_beta``, e.g. 6.0)."""
+                         norm: str = "linf", eps_start: float | None = None, ramp_frac: float = 0.0) -> list[dict]:
+    """PGD adversarial training (``trades_beta=None``) or TRADES (``trades_beta``, e.g. 6.0).
+
+    ``eps_start`` / ``ramp_frac``: the training eps grows linearly from ``eps_start`` to ``eps`` over the
+    first ``ramp_frac`` of the optimizer steps (``alpha`` scales with it); resumed runs continue the ramp
+    where the snapshot stopped."""
     loop = loop or LoopConfig(epochs=50, lr=5e-4, desc="adversarial finetune")
+    if eps_start is not None and not 0 <= eps_start <= eps:
+        raise ValueError(f"eps_start must be in [0, eps={eps}], got {eps_start}")
+    if not 0 <= ramp_frac <= 1:
+        raise ValueError(f"ramp_frac must be in [0, 1], got {ramp_frac}")
+    n = len(dataset)
+    total_steps = loop.epochs * max(1, n // loop.batch_size if n > loop.batch_size else 1)
+    counter = [_snapshot_step(loop)]
 
     def step(x, y):
+        e = eps_at(counter[0], total_steps, eps, eps_start, ramp_frac)
+        a = alpha * e / eps if eps > 0 else alpha
+        counter[0] += 1
         with torch.autocast(x.device.type, enabled=False):
             if trades_beta is None:
                 classifier.eval()
-                x_adv = pgd_attack(classifier, x, y, eps=eps, step_size=alpha, steps=steps, norm=norm)
+                x_adv = pgd_attack(classifier, x, y, eps=e, step_size=a, steps=steps, norm=norm)
                 classifier.train()
                 logits = classifier(x_adv)
                 loss = F.cross_entropy(logits, y)
                 acc = (logits.argmax(1) == y).float().mean()
-                return loss, {"loss": loss.detach(), "adv_acc": acc}
+                return loss, {"loss": loss.detach(), "adv_acc": acc, "eps": torch.tensor(e)}
             classifier.eval()
             with torch.no_grad():
                 p_clean = F.softmax(classifier(x), 1)
@@ -132,15 +169,157 @@ def adversarial_finetune(classifier: nn.Module, dataset, eps: float = 8 / 255, a
             def kl(logits, _):
                 return F.kl_div(F.log_softmax(logits, 1), p_clean, reduction="sum")
 
-            x_adv = pgd_attack(classifier, x, y, eps=eps, step_size=alpha, steps=steps, norm=norm, loss_fn=kl)
+            x_adv = pgd_attack(classifier, x, y, eps=e, step_size=a, steps=steps, norm=norm, loss_fn=kl)
             classifier.train()
             logits = classifier(x)
             l_nat = F.cross_entropy(logits, y)
             l_rob = F.kl_div(F.log_softmax(classifier(x_adv), 1), F.softmax(logits, 1), reduction="batchmean")
             loss = l_nat + trades_beta * l_rob
-            return loss, {"loss": loss.detach(), "nat": l_nat.detach(), "rob": l_rob.detach()}
+            acc = (logits.argmax(1) == y).float().mean()
+            return loss, {"loss": loss.detach(), "nat": l_nat.detach(), "rob": l_rob.detach(), "acc": acc,
+                          "eps": torch.tensor(e)}
 
     params = [p for p in classifier.parameters() if p.requires_grad]
     run_cfg = {"stage": "adversarial_finetune", "eps": eps, "alpha": alpha, "steps": steps, "trades_beta": trades_beta,
-               "lr": loop.lr, "batch_size": loop.batch_size}
+               "lr": loop.lr, "batch_size": loop.batch_size, "eps_start": eps_start, "ramp_frac": ramp_frac}
     return fit(classifier, params, dataset, step, loop, run_cfg)
+
+
+PRETRAIN_CHOICES = ("mimir", "mae", "none")
+
+
+@dataclass
+class MIMIRRecipe:
+    """Everything ``train_mimir_vit`` needs: the ViT, the pretraining and the adversarial finetuning.
+
+    The defaults are the recipe measured on the embedded 16x16 digits (docs/mimir.md): patch 4
+    (16 tokens), a 96-d 4-block encoder, 30 MIMIR epochs, then 20 TRADES epochs with PGD-3 at
+    8/255 whose eps ramps up from 0 over the first 30 % of the finetuning steps.
+    ``pretrain``: "mimir" (MIMIR), "mae" (plain MAE pretraining, same epochs) or "none" (no
+    pretraining: the finetuning starts from the MAE's initialisation)."""
+    pretrain: str = "mimir"
+    img_size: int = 16
+    in_chans: int = 1
+    num_classes: int = 10
+    patch_size: int = 4
+    embed_dim: int = 96
+    depth: int = 4
+    num_heads: int = 4
+    decoder_embed_dim: int = 64
+    decoder_depth: int = 2
+    decoder_num_heads: int = 4
+    mask_ratio: float = 0.75
+    pretrain_epochs: int = 20
+    pretrain_lr: float = 1.5e-3
+    pretrain_eps: float = 8 / 255  # MIMIR's PGD_MAE radius (alpha = 10/8 of it, as published)
+    mi_weight: float = 1e-5
+    finetune_epochs: int = 15
+    finetune_lr: float = 1e-3
+    eps: float = 8 / 255  # finetuning eps (L-inf)
+    eps_start: float | None = 0.0  # None: no ramp
+    ramp_frac: float = 0.3
+    steps: int = 3  # PGD steps of the finetuning attack
+    alpha: float | None = None  # None: 2.5 * eps / steps
+    trades_beta: float | None = 6.0  # None: PGD-AT (Madry)
+    batch_size: int = 64
+    seed: int = 0
+
+    def check(self) -> None:
+        if self.pretrain not in PRETRAIN_CHOICES:
+            raise ValueError(f"pretrain must be one of {PRETRAIN_CHOICES}, got {self.pretrain!r}")
+        if self.img_size % self.patch_size:
+            raise ValueError(f"patch_size {self.patch_size} must divide img_size {self.img_size}")
+        for name in ("pretrain_epochs", "finetune_epochs", "steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.eps < 0 or self.pretrain_eps < 0:
+            raise ValueError("eps and pretrain_eps must be >= 0")
+        if self.eps_start is not None and not 0 <= self.eps_start <= self.eps:
+            raise ValueError(f"eps_start must be in [0, eps], got {self.eps_start}")
+        if not 0 <= self.ramp_frac <= 1:
+            raise ValueError(f"ramp_frac must be in [0, 1], got {self.ramp_frac}")
+        if self.trades_beta is not None and self.trades_beta < 0:
+            raise ValueError(f"trades_beta must be >= 0, got {self.trades_beta}")
+        if not 0 < self.mask_ratio < 1:
+            raise ValueError(f"mask_ratio must be in (0, 1), got {self.mask_ratio}")
+
+    @property
+    def finetune_alpha(self) -> float:
+        return self.alpha if self.alpha is not None else (2.5 * self.eps / max(self.steps, 1))
+
+    def describe(self) -> str:
+        pre = {"mimir": f"MIMIR pretrain {self.pretrain_epochs} ep (PGD_MAE 1 step {self.pretrain_eps * 255:g}/255, "
+                        f"HSIC {self.mi_weight:g})",
+               "mae": f"MAE pretrain {self.pretrain_epochs} ep", "none": "no pretraining"}[self.pretrain]
+        ft = "TRADES(beta %g)" % self.trades_beta if self.trades_beta is not None else "PGD-AT"
+        ramp = (f", eps ramp {self.eps_start * 255:g}->{self.eps * 255:g}/255 over {self.ramp_frac:.0%}"
+                if self.eps_start is not None and self.ramp_frac > 0 else "")
+        return (f"ViT patch {self.patch_size} {self.embed_dim}-d x{self.depth}; {pre} + {ft} PGD-{self.steps} "
+                f"{self.finetune_epochs} ep at {self.eps * 255:g}/255{ramp}")
+
+
+def build_mae_for(recipe: MIMIRRecipe) -> MaskedAutoencoderViT:
+    """The (untrained) MAE of ``recipe``; its encoder becomes the ViT classifier."""
+    return MaskedAutoencoderViT(img_size=recipe.img_size, patch_size=recipe.patch_size, in_chans=recipe.in_chans,
+                                embed_dim=recipe.embed_dim, depth=recipe.depth, num_heads=recipe.num_heads,
+                                decoder_embed_dim=recipe.decoder_embed_dim, decoder_depth=recipe.decoder_depth,
+                                decoder_num_heads=recipe.decoder_num_heads, norm_pix_loss=True)
+
+
+def train_mimir_vit(dataset, recipe: MIMIRRecipe | None = None, *, state_dir: str | Path | None = None,
+                    resume: bool = False, snapshot_every: int = 0, progress: bool = True,
+                    device: str | torch.device = "cpu"):
+    """Pretrain (MIMIR / MAE / none) then adversarially finetune a ViT classifier on ``dataset``.
+
+    Seeds every RNG with ``recipe.seed`` first. With ``state_dir``, each stage snapshots under
+    ``state_dir/state_pretrain`` and ``state_dir/state_finetune``; ``resume=True`` continues from them and ends
+    with the same weights as an uninterrupted run. Returns ``(vit, mae, info)``; ``info`` holds both
+    stages' per-epoch histories and their wall-clock seconds."""
+    import time
+
+    from maep_fast.models.vit_classifier import ViTClassifier
+    from maep_fast.train.common import set_seed
+    from maep_fast.train.mae_pretrain import MAEPretrainConfig, train_mae
+
+    recipe = recipe or MIMIRRecipe()
+    recipe.check()
+    c, h, _ = dataset.image_shape
+    if (c, h) != (recipe.in_chans, recipe.img_size):
+        raise ValueError(f"the data set holds {c}x{h}x{h} images, the recipe expects "
+                         f"{recipe.in_chans}x{recipe.img_size}x{recipe.img_size}")
+    set_seed(recipe.seed)
+    mae = build_mae_for(recipe).to(device)
+    sd = Path(state_dir) if state_dir is not None else None
+
+    def loop(stage: str, epochs: int, lr: float, seed: int, desc: str) -> LoopConfig:
+        return LoopConfig(epochs=epochs, batch_size=recipe.batch_size, lr=lr, seed=seed, progress=progress,
+                          desc=desc, state_dir=str(sd / f"state_{stage}") if sd is not None else None, resume=resume,
+                          snapshot_every=snapshot_every)
+
+    t0 = time.perf_counter()
+    h_pre: list[dict] = []
+    if recipe.pretrain == "mimir" and recipe.pretrain_epochs:
+        h_pre = train_mimir(mae, dataset, MIMIRConfig(
+            mask_ratio=recipe.mask_ratio, eps=recipe.pretrain_eps, alpha=recipe.pretrain_eps * 10 / 8,
+            mi_weight=recipe.mi_weight,
+            loop=loop("pretrain", recipe.pretrain_epochs, recipe.pretrain_lr, recipe.seed, "MIMIR pretrain")))
+    elif recipe.pretrain == "mae" and recipe.pretrain_epochs:
+        h_pre = train_mae(mae, dataset, MAEPretrainConfig(
+            mask_ratio=recipe.mask_ratio,
+            loop=loop("pretrain", recipe.pretrain_epochs, recipe.pretrain_lr, recipe.seed, "MAE pretrain")))
+    t_pre = time.perf_counter() - t0
+    torch.manual_seed(recipe.seed + 1)  # the new head's initialisation does not depend on the pretraining's RNG use
+    vit = ViTClassifier.from_mae(mae, num_classes=recipe.num_classes)
+    t1 = time.perf_counter()
+    h_ft = adversarial_finetune(vit, dataset, eps=recipe.eps, alpha=recipe.finetune_alpha, steps=recipe.steps,
+                                trades_beta=recipe.trades_beta, eps_start=recipe.eps_start,
+                                ramp_frac=recipe.ramp_frac,
+                                loop=loop("finetune", recipe.finetune_epochs, recipe.finetune_lr, recipe.seed + 1,
+                                          "MIMIR ViT adversarial finetune"))
+    vit.eval()
+    info = {"recipe": asdict(recipe), "pretrain_history": h_pre, "finetune_history": h_ft,
+            "seconds": {"pretrain": round(t_pre, 1), "finetune": round(time.perf_counter() - t1, 1)},
+            "description": recipe.describe()}
+    return vit, mae, info
