@@ -403,6 +403,24 @@ def cmd_purify(args) -> int:
     return 0
 
 
+def _eval_strict(args, classifier, purifier, ds) -> int:
+    from maep_fast.evaluate import evaluate_strict, markdown_table
+
+    if purifier is None:
+        raise ValueError("--strict attacks through a purifier: give --purifier")
+    rep = evaluate_strict(classifier, purifier, ds.images, ds.labels, eps=args.eps, norm=args.norm,
+                          steps=args.strict_steps, eot=args.strict_eot, autoattack=args.strict_aa_steps > 0,
+                          aa_steps=max(1, args.strict_aa_steps), seed=args.seed, progress=not args.no_progress)
+    print(markdown_table(rep["rows"]))
+    print(f"budget: {rep['settings']['budget']}")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({**rep, "classifier": args.classifier, "purifier": args.purifier,
+                                              "purifier_kind": args.purifier_kind, "data": args.data}, indent=2))
+        print(f"wrote {args.out}")
+    return 0
+
+
 def cmd_eval(args) -> int:
     from maep_fast.checkpoint import load_model
     from maep_fast.evaluate import THREAT_MODELS, AttackSpec, evaluate, format_table
@@ -431,6 +449,8 @@ def cmd_eval(args) -> int:
     ds = _load_data(args)
     if args.n and args.n < len(ds):
         ds = ds.subset(args.n, seed=args.seed)
+    if args.strict:
+        return _eval_strict(args, classifier, purifier, ds)
     if args.threat_models or args.attack != "pgd" or args.purifier_kind != "maep" or args.eps_sweep:
         return _eval_threat_models(args, classifier, purifier, ds)
     spec = AttackSpec(norm=args.norm, eps=args.eps, step_size=args.step_size or args.eps / 4, steps=args.steps, eot=args.eot)
@@ -621,6 +641,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="EOT samples for adaptive/BPDA attacks (default 20 for randomized purifiers, else 1)")
     p.add_argument("--purifier-kind", default="maep", choices=["maep", "mae-pure"],
                    help="maep: MAEP single pass; mae-pure: MAE-Pure test-time descent with the --purifier MAE")
+    p.add_argument("--strict", action="store_true",
+                   help="the strict adaptive preset for randomized purifiers: PGD with EOT through every "
+                        "purification step, and AutoAttack-rand (rows say the budget)")
+    p.add_argument("--strict-steps", type=_POSITIVE_INT, default=200, help="--strict PGD steps (paper: 200)")
+    p.add_argument("--strict-eot", type=_POSITIVE_INT, default=20, help="--strict EOT samples (paper: 20)")
+    p.add_argument("--strict-aa-steps", type=_COUNT, default=100,
+                   help="--strict AutoAttack-rand APGD iterations (paper: 100; 0 = PGD only)")
     p.add_argument("--eps-sweep", default=None, help="comma list of eps (e.g. 2/255,4/255,8/255,16/255): accuracy vs eps")
     p.add_argument("--plot", default=None, help="PNG for --eps-sweep (default: --out with .png)")
     _add_mae_pure_args(p)

@@ -7,12 +7,14 @@ Two sizes:
   PGD-20 (oblivious + adaptive) on all 360 test images for MAEP; MAEP with
   test-time randomness (purify at a mask ratio > 0, averaged over several
   masks; adaptive attack with EOT) and MAE-Pure (oblivious, adaptive EOT,
-  BPDA+EOT) on fixed test subsets; MIMIR rows.
+  BPDA+EOT) on fixed test subsets. No MIMIR rows: the demo prints the
+  ``maep-fast mimir --out runs/mimir`` command that trains the MIMIR ViT (docs/mimir.md).
 * ``maep-fast demo --full`` (``FULL``): longer training (MAEP stage 1 on
   PGD-10 pairs with classifier guidance, a longer-pretrained MAE), eps 8/255, 16/255 and 32/255, our
   PGD-20, torchattacks' PGD-20 and AutoAttack (standard for the
   deterministic MAEP, rand with EOT for the randomized defenses), the full
-  table, an accuracy-vs-eps plot and an image grid with predicted labels.
+  table, an accuracy-vs-eps plot and an image grid with predicted labels;
+  MIMIR ViT rows (the ``maep-fast mimir`` recipe; white-box and transferred PGD-20).
 
 MAE-Pure runs on a *plain* MAE pretrained on the train split with the
 standard MAE objective (``train_mae``), not on the MAEP model.
@@ -22,7 +24,7 @@ steps, EOT, n; sanity checks per section), ``<out>/table.md``,
 ``<out>/acc_vs_eps.png``, ``<out>/grid.png`` (clean | adversarial | MAEP |
 MAE-Pure, each image captioned with the classifier's prediction),
 ``<out>/amv.png`` and the checkpoints ``classifier``, ``maep``, ``mae`` and
-``mimir_vit``.
+(full demo) ``mimir_vit``.
 """
 from __future__ import annotations
 
@@ -80,7 +82,7 @@ class DemoConfig:
     rand_mask_ratio: float = 0.25
     rand_masks: int = 4
     rand_eot: int = 4
-    rand_n: int = 120  # >= the test split: all test images
+    rand_n: int = 64  # >= the test split: all test images
     rand_attacks: tuple = ()  # () = the same as ``attacks``
     # plain MAE (standard MAE pretraining on the train split) for MAE-Pure
     mae_pure: bool = True
@@ -91,30 +93,29 @@ class DemoConfig:
     mp_eta: float = 32 / 255
     mp_mask_ratio: float = 0.5
     mp_masks: int = 1
-    mp_n: int = 64  # the subset for MAE-Pure's attacks through the purifier (adaptive, BPDA+EOT)
+    mp_n: int = 32  # the subset for MAE-Pure's attacks through the purifier (adaptive, BPDA+EOT)
     mp_oblivious_all: bool = False  # also MAE-Pure's oblivious rows on all n_eval images (cheap: no EOT)
     mp_attack_steps: int = 10  # PGD steps of the adaptive / BPDA attacks through MAE-Pure
     mp_eot: int = 2
     mp_aa_steps: int = 10  # AutoAttack-rand APGD steps through MAE-Pure (full demo)
     mp_attacks: tuple = ()  # () = the same as ``attacks``
-    # MIMIR rows
-    mimir: bool = True
-    mimir_patch_size: int = 4  # 16 tokens: at patch 2 a ViT does not learn the digits in a CPU-minute budget
-    mimir_epochs: int = 8
-    mimir_ft_clean_epochs: int = 6
-    mimir_ft_epochs: int = 4
-    mimir_ft_steps: int = 3
-    mimir_trades_beta: float | None = 6.0  # TRADES: plain PGD-AT at large eps collapses to chance in this budget
+    # MIMIR ViT rows (maep_fast.train.mimir.MIMIRRecipe, the `maep-fast mimir` defaults; docs/mimir.md). Off in
+    # the default demo (a useful robust ViT needs minutes of training there): `maep-fast mimir` trains it
+    mimir: bool = False
+    mimir_patch_size: int = 4  # 16 tokens (patch 2: 64 tokens, 4x the cost per step)
+    mimir_pretrain_epochs: int = 20
+    mimir_finetune_epochs: int = 15
+    mimir_train_eps: float = 8 / 255  # finetuning eps, ramped up from 0 over the first 30 % of the steps
+    mimir_steps: int = 3
+    mimir_trades_beta: float | None = 6.0
     mimir_n: int = 360
     mimir_train_n: int = 0  # 0 = the whole train split
-    mimir_eps: float = 16 / 255
     notes: list = field(default_factory=list)
 
 
 QUICK = dict(classifier_epochs=1, stage1_epochs=1, stage2_epochs=1, train_steps=1, eval_steps=2, n_eval=32,
              rand_masks=2, rand_eot=1, rand_n=16, mae_epochs=1, mp_steps=2, mp_n=8, mp_attack_steps=1, mp_eot=1,
-             mimir_epochs=1, mimir_ft_clean_epochs=0, mimir_ft_epochs=1, mimir_ft_steps=1, mimir_n=32,
-             mimir_train_n=128)
+             mimir_pretrain_epochs=1, mimir_finetune_epochs=1, mimir_steps=1, mimir_n=32, mimir_train_n=128)
 
 # --full: the quality run: MAEP stage 1 60 epochs on PGD-10 pairs at a per-batch eps in [4, 28]/255
 # with classifier guidance (w_cls 1, 20 % clean inputs; the paper's loss alone at 16/255 reached oblivious
@@ -130,7 +131,10 @@ FULL = dict(full=True, stage1_epochs=60, stage2_epochs=5, train_steps=10, train_
             attacks=("pgd", "ta-pgd", "autoattack"), aa_steps=10, aa_queries=250, rand_n=360, rand_masks=2, rand_eot=4,
             rand_attacks=("pgd",), mae_epochs=80, mp_n=64, mp_oblivious_all=True,
             mp_eta=40 / 255, mp_mask_ratio=0.6,  # the best measured MAE-Pure schedule (docs/results.md, recipes)
-            mp_attack_steps=10, mp_eot=2, mp_aa_steps=5, mp_attacks=("pgd", "autoattack"), mimir=False)
+            mp_attack_steps=10, mp_eot=2, mp_aa_steps=5, mp_attacks=("pgd", "autoattack"), mimir=True)
+
+
+MIMIR_COMMAND = "maep-fast mimir --out runs/mimir"
 
 
 def __getattr__(name: str):
@@ -258,6 +262,9 @@ def run_demo(out_dir: str | Path = "runs/demo", cfg: DemoConfig | None = None) -
         mimir_section, _, vit = _mimir_rows(cfg, classifier, train, test)
         sections["mimir"] = mimir_section
         lap("mimir", t)
+    else:
+        say(f"MIMIR ViT: not in this demo; train it with `{MIMIR_COMMAND}` (docs/mimir.md), or run `maep-fast demo "
+            "--full`")
 
     if "mae_pure_all" in sections:  # all-images rows before the subset's
         order = [k for k in sections if k != "mae_pure"]
@@ -282,7 +289,7 @@ def run_demo(out_dir: str | Path = "runs/demo", cfg: DemoConfig | None = None) -
                                             "trained": f"MAE pretraining {cfg.mae_epochs} epochs, mask {cfg.mae_mask_ratio}"})
     if vit is not None:
         save_model(vit, out / "mimir_vit", meta={"data": "digits", "image_size": cfg.image_size,
-                                                 "trained": "MIMIR pretrain + adversarial finetune (demo)"})
+                                                 "trained": sections["mimir"]["description"]})
     seconds["total"] = round(time.perf_counter() - t0, 1)
     metrics = {
         "rows": rows,
@@ -394,62 +401,45 @@ def _amv(cfg: DemoConfig, classifier, mae, mp, ev, out: Path) -> dict:
 
 
 def _mimir_rows(cfg: DemoConfig, classifier, train, test):
-    """MIMIR pretrain a demo-sized MAE, build a ViT classifier, short adversarial finetune, attack."""
+    """The MIMIR recipe (``train_mimir_vit``: MIMIR pretraining + TRADES finetuning of a ViT), then the ViT
+    attacked at every eval eps: white-box PGD on the ViT itself, and PGD transferred from the SmallCNN."""
     from maep_fast.attacks.pgd import pgd_attack
-    from maep_fast.models.vit_classifier import ViTClassifier
-    from maep_fast.train.mimir import MIMIRConfig, adversarial_finetune, train_mimir
+    from maep_fast.train.mimir import MIMIRRecipe, train_mimir_vit
 
     t = time.perf_counter()
-    torch.manual_seed(cfg.seed)
     if cfg.mimir_train_n and cfg.mimir_train_n < len(train):
         train = train.subset(cfg.mimir_train_n, seed=cfg.seed)
-    mae = create_mae(cfg.preset, img_size=cfg.image_size, patch_size=cfg.mimir_patch_size, norm_pix_loss=True)
-    mcfg = MIMIRConfig(eps=cfg.mimir_eps, alpha=cfg.mimir_eps * 10 / 8,  # MIMIR's alpha/eps = 10/8, at the demo eps
-                       loop=LoopConfig(epochs=cfg.mimir_epochs, batch_size=cfg.batch_size, lr=2e-3, seed=cfg.seed,
-                                       progress=cfg.progress, desc="MIMIR pretrain"))
-    h_pre = train_mimir(mae, train, mcfg)
-    vit = ViTClassifier.from_mae(mae, num_classes=10)
-    h_ft = []
-    ft_alpha = cfg.mimir_eps / 2 if cfg.mimir_ft_steps <= 3 else cfg.mimir_eps / 4
-    if cfg.mimir_ft_clean_epochs:
-        h_ft += adversarial_finetune(vit, train, steps=0, loop=LoopConfig(
-            epochs=cfg.mimir_ft_clean_epochs, batch_size=cfg.batch_size, lr=3e-3, warmup_epochs=0.3, seed=cfg.seed,
-            progress=cfg.progress, desc="MIMIR ViT clean warm-up"))
-    h_ft += adversarial_finetune(vit, train, eps=cfg.mimir_eps, alpha=ft_alpha, steps=cfg.mimir_ft_steps,
-                                 trades_beta=cfg.mimir_trades_beta, loop=LoopConfig(
-        epochs=cfg.mimir_ft_epochs, batch_size=cfg.batch_size, lr=1e-3, warmup_epochs=0.3, seed=cfg.seed + 1,
-        progress=cfg.progress, desc="MIMIR ViT adversarial finetune"))
+    recipe = MIMIRRecipe(img_size=cfg.image_size, patch_size=cfg.mimir_patch_size,
+                         pretrain_epochs=cfg.mimir_pretrain_epochs, finetune_epochs=cfg.mimir_finetune_epochs,
+                         eps=cfg.mimir_train_eps, steps=cfg.mimir_steps, trades_beta=cfg.mimir_trades_beta,
+                         seed=cfg.seed)
+    vit, _, info = train_mimir_vit(train, recipe, progress=cfg.progress)
     for p in vit.parameters():
         p.requires_grad_(False)
     vit.eval()
     ev = test.subset(cfg.mimir_n, seed=cfg.seed) if cfg.mimir_n < len(test) else test
-    g = torch.Generator().manual_seed(cfg.seed)
-    kw = dict(eps=cfg.mimir_eps, step_size=cfg.mimir_eps / 8, steps=cfg.eval_steps, norm="linf", generator=g)
     x, y = ev.images, ev.labels
-    x_transfer = pgd_attack(classifier, x, y, **kw)
-    x_white = pgd_attack(vit, x, y, **kw)
     n = len(ev)
     name = "MIMIR ViT"
+    ft = recipe.describe()
 
-    def row(tm, acc, note):
+    def row(tm, acc, eps, note):
         attacked = tm != "none"
         return {"defense": name, "threat_model": tm, "attack": f"PGD-{cfg.eval_steps}" if attacked else "none",
-                "norm": "linf" if attacked else None, "eps": cfg.mimir_eps if attacked else 0.0,
-                "steps": cfg.eval_steps if attacked else 0, "step_size": cfg.mimir_eps / 8 if attacked else 0.0,
+                "norm": "linf" if attacked else None, "eps": eps if attacked else 0.0,
+                "steps": cfg.eval_steps if attacked else 0, "step_size": eps / 4 if attacked else 0.0,
                 "eot": 1 if attacked else 0, "n": n, "seed": cfg.seed, "accuracy": acc, "note": note}
 
-    ft = (f"demo MAE at patch {cfg.mimir_patch_size}, MIMIR pretrain {cfg.mimir_epochs} ep (PGD_MAE 1 step, eps {cfg.mimir_eps * 255:.0f}/255, HSIC 1e-5) + "
-          f"{cfg.mimir_ft_clean_epochs} clean + {cfg.mimir_ft_epochs} "
-          f"{'TRADES(beta %g)' % cfg.mimir_trades_beta if cfg.mimir_trades_beta else 'PGD-AT'} PGD-{cfg.mimir_ft_steps} epochs")
-    rows = [
-        row("none", accuracy(vit, x, y), ft),
-        row("oblivious", accuracy(vit, x_transfer, y), "transfer: PGD crafted on the undefended SmallCNN; " + ft),
-        row("adaptive-full-gradient", accuracy(vit, x_white, y), "white-box PGD on the ViT itself; " + ft),
-    ]
-    section = {"rows": rows, "pretrain_history": h_pre, "finetune_history": h_ft,
-               "config": {"pretrain": {k: v for k, v in asdict(mcfg).items() if k != "loop"},
-                          "finetune": {"eps": cfg.mimir_eps, "alpha": ft_alpha, "steps": cfg.mimir_ft_steps,
-                                       "clean_epochs": cfg.mimir_ft_clean_epochs, "adv_epochs": cfg.mimir_ft_epochs,
-                                       "trades_beta": cfg.mimir_trades_beta}},
-               "seconds": round(time.perf_counter() - t, 1)}
+    rows = [row("none", accuracy(vit, x, y), 0.0, ft)]
+    for eps in sorted(cfg.eval_eps):
+        kw = dict(eps=eps, step_size=eps / 4, steps=cfg.eval_steps, norm="linf")
+        x_transfer = pgd_attack(classifier, x, y, generator=torch.Generator().manual_seed(cfg.seed), **kw)
+        x_white = pgd_attack(vit, x, y, generator=torch.Generator().manual_seed(cfg.seed), **kw)
+        rows.append(row("oblivious", accuracy(vit, x_transfer, y), eps,
+                        "transfer: PGD crafted on the undefended SmallCNN; " + ft))
+        rows.append(row("adaptive-full-gradient", accuracy(vit, x_white, y), eps,
+                        "white-box PGD on the ViT itself (the classifier is the defense); " + ft))
+    section = {"rows": rows, "pretrain_history": info["pretrain_history"],
+               "finetune_history": info["finetune_history"], "config": {"recipe": info["recipe"]}, "description": ft,
+               "train_seconds": info["seconds"], "seconds": round(time.perf_counter() - t, 1)}
     return section, "MIMIR-pretrained ViT classifier (no purifier)\n" + format_table(rows), vit

@@ -84,3 +84,20 @@ def test_mimir_cli_pretrain_none_and_mae(tmp_path):
         vit = load_model(out / "vit", expect_kind="classifier")
         assert vit.checkpoint_meta["recipe"]["pretrain"] == kind
         assert (out / "mae").exists() == (kind == "mae")
+
+
+def test_demo_mimir_stage_rows_and_default_demo_leaves_it_out():
+    from maep_fast.data import load_digits_dataset
+    from maep_fast.demo import FULL, MIMIR_COMMAND, QUICK, DemoConfig, _mimir_rows
+    from maep_fast.models.classifiers import SmallCNN
+
+    assert DemoConfig().mimir is False and FULL["mimir"] is True and "maep-fast mimir" in MIMIR_COMMAND
+    cfg = DemoConfig(**{**QUICK, "mimir_n": 16, "eval_eps": (8 / 255, 16 / 255)}, progress=False)
+    train, test = load_digits_dataset(16, "train"), load_digits_dataset(16, "test")
+    section, text, vit = _mimir_rows(cfg, SmallCNN(in_chans=1, num_classes=10).eval(), train, test)
+    rows = section["rows"]
+    assert [r["threat_model"] for r in rows] == ["none", "oblivious", "adaptive-full-gradient"] * 1 + [
+        "oblivious", "adaptive-full-gradient"]
+    assert all(r["n"] == 16 and r["defense"] == "MIMIR ViT" for r in rows)
+    assert {r["eps"] for r in rows[1:]} == {8 / 255, 16 / 255}
+    assert isinstance(vit, ViTClassifier) and "MIMIR pretrain 1 ep" in section["description"]

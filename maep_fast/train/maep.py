@@ -10,8 +10,9 @@ reconstructing the *clean* image; the paper does not publish the weights,
 both are parameters). Adversarial pairs come from PGD against a frozen
 classifier, made online per batch, or from a precomputed tensor set.
 
-Three options beyond the paper, all off by default (``w_cls = 0``,
-``clean_frac = 0``, ``AttackConfig.eps_min = None`` is the published recipe):
+Four options beyond the paper, all off by default (``w_cls = 0``,
+``clean_frac = 0``, ``AttackConfig.eps_min = None``,
+``AttackConfig.target = "classifier"`` is the published recipe):
 
 * ``w_cls``: classifier guidance, ``+ w_cls * KL(f(x) || f(clamp(P(x_adv))))``
   with the frozen classifier f (the high-level guided loss of HGD, Liao et
@@ -21,6 +22,14 @@ Three options beyond the paper, all off by default (``w_cls = 0``,
   image (x -> x pairs), so clean inputs stay as they were.
 * ``AttackConfig.eps_min``: each batch's training eps is drawn from
   [eps_min, eps], so the purifier undoes perturbations of every size in it.
+* ``AttackConfig.target = "defended"``: each batch's pairs are made by PGD on
+  classifier(purifier(x)) with the purifier's current weights, as it runs at
+  test time (AToP, Lin et al. 2024: adversarial training of the purifier
+  against the attacker who sees it). The guidance term is then the
+  classification loss on the purified output, so it needs ``w_cls > 0``.
+  Pairs made against the classifier alone only teach the purifier to undo
+  *those* perturbations; an attacker who differentiates through the purifier
+  finds others (docs/results.md).
 
 Stage 2 ("train-test discrepancy"): LoRA adapters on the decoder only, the
 rest frozen, trained at mask ratio 0 (the test-time setting), then merged.
