@@ -317,7 +317,8 @@ class Runner:
         return min(cands)
 
 
-def main(argv=None) -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (also parsed by bench_purify's e2e suite for its op rows)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtypes", default=None,
@@ -345,7 +346,11 @@ def main(argv=None) -> None:
     ap.add_argument("--max-repeat", type=int, default=200)
     ap.add_argument("--no-flush", action="store_true", help="CUDA: do not flush the L2 before each timed call")
     ap.add_argument("--name", default=None, help="results file stem (default ops_<device>)")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
     device = torch.device(args.device)
     gpu = device.type == "cuda"
     if gpu and not torch.cuda.is_available():

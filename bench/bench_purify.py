@@ -3,6 +3,14 @@
     python3 bench/bench_purify.py                         # GPU: ViT-B/4 dec512, batch 1..512, fp32 + bf16
     python3 bench/bench_purify.py --device cpu --quick    # < 2 min on a CPU
     python3 bench/bench_purify.py --batch-sizes 1,32 --mae-pure-steps 150,20 --dtypes float32,bfloat16
+    python3 bench/bench_purify.py --suite e2e             # GPU: the rows in the order users run them (run_e2e)
+    python3 bench/bench_purify.py --dry-run               # that suite on the CPU at tiny sizes (< ~60 s)
+
+``--suite e2e`` (what bench/gpu_check.sh runs, bf16, ViT-B/4): MAEP eager and fused at B128 and
+B512; DiffPure SDE-100 (timed steps, scaled), one-step, DDIM-5 at B128; MAE-Pure S150 fused,
+fused+graph and reference at B32 (timed steps, scaled); the MAEP training step including its
+PGD pair generation; then the torch.compile variants; then the op rows (bench_ops), all in one
+results file (e2e_<device>.json/.csv), every row with ``stage``, ``mfu`` and ``peak_mem_MB``.
 
 Purifiers and variants (random weights: speed does not depend on them):
 
@@ -140,6 +148,36 @@ def measure(fn, device, budget_s: float, max_repeat: int, warm=None, warm_limit_
     return t
 
 
+class RowWriter:
+    """The results writer seen by the benches: every row gets ``stage`` (the suite's stage that
+    measured it), ``mfu`` and ``peak_mem_MB`` keys before it is appended (and the files rewritten).
+    ``mfu``: the bench's value, else an op row's ``frac_of_matmul``, else None (a memory-bound op:
+    its ``frac_of_mem_bw`` says how close it is to its ceiling). ``peak_mem_MB``: CUDA: the bench's
+    value, else torch.cuda.max_memory_allocated since the previous row (op rows); CPU: None (the
+    CPU rows carry ``cpu_rss_growth_MB`` instead; meta.memory_method says so)."""
+
+    def __init__(self, writer, device: torch.device):
+        self.writer, self.device, self.stage = writer, device, None
+        self.rows = writer.rows
+
+    def __getattr__(self, name):
+        return getattr(self.writer, name)
+
+    def append(self, row: dict) -> None:
+        row = dict(row)
+        if self.stage is not None:
+            row.setdefault("stage", self.stage)
+        if "mfu" not in row:
+            row["mfu"] = row.get("frac_of_matmul")
+        if "peak_mem_MB" not in row:
+            row["peak_mem_MB"] = None
+            if self.device.type == "cuda" and not row.get("skipped"):
+                row["peak_mem_MB"] = round(torch.cuda.max_memory_allocated(self.device) / 2**20, 1)
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self.writer.append(row)
+
+
 class Bench:
     def __init__(self, args, device, ceil, writer):
         self.args, self.device, self.ceil, self.writer = args, device, ceil, writer
@@ -244,7 +282,8 @@ class Bench:
         if row.get("steps"):
             s += f" S{row['steps']}"
         if row.get("extrapolated"):
-            s += f" (timed {row['timed_network_calls']} calls)"
+            s += (f" (timed {row['timed_network_calls']} calls)" if "timed_network_calls" in row
+                  else f" (timed {row.get('steps_timed')} steps)")
         return f"{s} [{row['dtype']}, {row['preset']}]"
 
 
@@ -253,16 +292,22 @@ def label_of(row) -> str:
 
 
 # ------------------------------------------------------------- the benches
-def bench_maep(B: Bench, preset: str, base_model, dtype, batches, fl, use_compile):
+def bench_maep(B: Bench, preset: str, base_model, dtype, batches, fl, use_compile, eager: bool = True,
+               compile_backend: str = "inductor"):
+    """MAEP rows per batch: eager and fused (``eager``), then compile and fused+compile (``use_compile``).
+    ``compile_backend``: torch.compile's backend ("eager" in the CPU dry run: no inductor build)."""
     dev, dname = B.device, str(dtype).split(".")[-1]
     ref_model = copy.deepcopy(base_model)
     fused_model = copy.deepcopy(base_model)
     ref = Purifier(ref_model, fused=False, batch_size=max(batches))
     fused = Purifier(fused_model, fused=True, batch_size=max(batches))
     # dynamic=None: the second batch size recompiles with a dynamic batch dimension, later ones reuse it
-    compiled = torch.compile(ref._single) if use_compile else None
+    compiled = torch.compile(ref._single, backend=compile_backend) if use_compile else None
     fused_compiled = (Purifier(copy.deepcopy(base_model), fused=True, batch_size=max(batches), compile=True)
                       if use_compile else None)
+    if fused_compiled is not None:
+        fused_compiled.compile_backend = compile_backend
+    extra = {"compile_backend": compile_backend} if compile_backend != "inductor" else None
     for b in batches:
         x = torch.rand(b, base_model.in_chans, base_model.img_size, base_model.img_size, device=dev)
         common = {"purifier": "MAEP", "preset": preset, "dtype": dname}
@@ -273,20 +318,27 @@ def bench_maep(B: Bench, preset: str, base_model, dtype, batches, fl, use_compil
                     return p.purify(x)
             return f
 
-        B.run({**common, "variant": "eager"}, b, lambda: call(ref), fl["maep"])
+        if eager:
+            B.run({**common, "variant": "eager"}, b, lambda: call(ref), fl["maep"])
         if compiled is not None:
             def comp():
                 with torch.no_grad(), amp(dev, dtype):
                     ref._check(x)
                     return compiled(x)
-            B.run({**common, "variant": "compile"}, b, lambda: comp, fl["maep"], compiled=True)
-        B.run({**common, "variant": "fused"}, b, lambda: call(fused), fl["maep"])
+            B.run({**common, "variant": "compile"}, b, lambda: comp, fl["maep"], compiled=True, extra=extra)
+        if eager:
+            B.run({**common, "variant": "fused"}, b, lambda: call(fused), fl["maep"])
         if fused_compiled is not None:  # Purifier(compile=True): our ops inside torch.compile (CUDA graphs for small chunks)
-            B.run({**common, "variant": "fused+compile"}, b, lambda: call(fused_compiled), fl["maep"], compiled=True)
+            B.run({**common, "variant": "fused+compile"}, b, lambda: call(fused_compiled), fl["maep"], compiled=True,
+                  extra=extra)
     del ref_model, fused_model
 
 
-def bench_mae_pure(B: Bench, preset: str, base_model, dtype, batches, fl, steps_list):
+def bench_mae_pure(B: Bench, preset: str, base_model, dtype, batches, fl, steps_list, timed_steps: int | None = None,
+                   graph_stand_in: bool = False):
+    """MAE-Pure rows: fused, fused+graph (CUDA: one captured step replayed S times; with
+    ``graph_stand_in`` on the CPU: the same static-buffer loop uncaptured) and reference, per S and
+    batch. ``timed_steps``: time that many steps and scale to S (rows say so)."""
     dname = str(dtype).split(".")[-1]
     common = {"purifier": "MAE-Pure", "preset": preset, "dtype": dname}
     dev = B.device
@@ -294,27 +346,38 @@ def bench_mae_pure(B: Bench, preset: str, base_model, dtype, batches, fl, steps_
     fused_model = copy.deepcopy(base_model).set_backend("auto")
     for s in steps_list:
         fl_img = fl["mae_pure_step"] * s
+        n_timed = min(s, timed_steps) if timed_steps else s
+        scale = s / n_timed
         for b in batches:
             x = torch.rand(b, base_model.in_chans, base_model.img_size, base_model.img_size, device=dev)
             variants = [("fused", fused_model, "auto", None, False), ("reference", ref_model, "torch", "torch", False)]
-            if dev.type == "cuda":  # one step captured in a CUDA graph and replayed S times
+            if dev.type == "cuda" or graph_stand_in:  # one step captured in a CUDA graph and replayed S times
                 variants.insert(1, ("fused+graph", fused_model, "auto", None, True))
             for variant, model, backend, env, graph in variants:
                 def purifier(steps, model=model, backend=backend, env=env, graph=graph):
+                    cuda_graph = graph and dev.type == "cuda"
                     mp = MAEPure(model, steps=steps, mask_ratio=0.25, n_masks=1, backend=backend, batch_size=b, seed=0,
-                                 cuda_graph=graph)
+                                 cuda_graph=cuda_graph)
 
                     def f():
                         with backend_env(env), amp(dev, dtype):
+                            if graph and not cuda_graph:  # CPU stand-in: the static-buffer step loop, uncaptured
+                                return mp._purify_chunk_graph(x, mp._generator(dev), capture=False)[0]
                             return mp.purify(x)
                     return f
+                extra = {"steps_timed": n_timed}
+                if scale != 1.0:
+                    extra["extrapolated"] = True
+                if graph and dev.type != "cuda":
+                    extra["capture"] = "none (CPU stand-in: the static-buffer loop runs uncaptured)"
                 # warm-up with a 1-step purifier: the same kernels, 1/S of the time
-                B.run({**common, "variant": variant, "steps": s}, b, lambda: purifier(s), fl_img,
-                      warm=lambda: purifier(1)())
+                B.run({**common, "variant": variant, "steps": s}, b, lambda: purifier(n_timed), fl_img, scale=scale,
+                      warm=lambda: purifier(1)(), extra=extra)
     del ref_model, fused_model
 
 
-def bench_diffpure(B: Bench, unet, dtype, batches, fl_call, timed_steps: int | None, ddim_steps: int = 5):
+def bench_diffpure(B: Bench, unet, dtype, batches, fl_call, timed_steps: int | None, ddim_steps: int = 5,
+                   order: tuple = ("sde", "ddim", "one_step")):
     from maep_fast.baselines.diffpure import DiffPure
 
     dev, dname = B.device, str(dtype).split(".")[-1]
@@ -328,12 +391,13 @@ def bench_diffpure(B: Bench, unet, dtype, batches, fl_call, timed_steps: int | N
             with torch.no_grad(), amp(dev, dtype):
                 unet(x * 2 - 1, torch.full((b,), 99.9, device=dev))
 
-        for variant, kw, calls, scale in (
-                (f"sde{full}", dict(sampler="sde", dt=0.1 / n_timed), full, full / n_timed),
-                (f"ddim{ddim_steps}", dict(sampler="ddim", ddim_steps=ddim_steps), ddim_steps, 1.0),
-                # one reverse evaluation from t* (consistency-distilled purifiers such as OSCP, DBLP):
-                # what a user who wants speed would pick instead of 100-step DiffPure
-                ("one_step", dict(sampler="one_step"), 1, 1.0)):
+        samplers = {
+            "sde": (f"sde{full}", dict(sampler="sde", dt=0.1 / n_timed), full, full / n_timed),
+            "ddim": (f"ddim{ddim_steps}", dict(sampler="ddim", ddim_steps=ddim_steps), ddim_steps, 1.0),
+            # one reverse evaluation from t* (consistency-distilled purifiers such as OSCP, DBLP):
+            # what a user who wants speed would pick instead of 100-step DiffPure
+            "one_step": ("one_step", dict(sampler="one_step"), 1, 1.0)}
+        for variant, kw, calls, scale in (samplers[k] for k in order):
             def make(kw=kw):
                 dp = DiffPure(unet, t_star=0.1, seed=0, batch_size=b, **kw)
 
@@ -370,6 +434,116 @@ def bench_train(B: Bench, preset: str, base_model, dtype, batches, fl):
         del model, opt
 
 
+def bench_train_pgd(B: Bench, preset: str, base_model, dtype, batches, fl, pgd_steps: int = 10):
+    """One MAEP training step as the trainer runs it: PGD pair generation against a frozen classifier
+    (AttackConfig: L-inf 8/255, step 2/255, ``pgd_steps`` steps; fp32, outside autocast), then
+    maep_loss at mask 0.5 + backward + AdamW, fused ops. FLOPs: the MAE step plus the PGD's
+    classifier forward+backward per step."""
+    from maep_fast.models.classifiers import SmallCNN
+    from maep_fast.train.maep import AttackConfig, make_adversarial
+
+    dev, dname = B.device, str(dtype).split(".")[-1]
+    common = {"purifier": "MAEP-train", "preset": preset, "dtype": dname}
+    model = copy.deepcopy(base_model).set_backend("auto").train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    clf = SmallCNN(in_chans=base_model.in_chans, num_classes=10).to(dev).eval()
+    for p in clf.parameters():
+        p.requires_grad_(False)
+    attack = AttackConfig(steps=pgd_steps)
+    x1 = torch.zeros(1, base_model.in_chans, base_model.img_size, base_model.img_size, device=dev, requires_grad=True)
+    clf_fb = flopmod.count(lambda: clf(x1).sum().backward())
+    for b in batches:
+        x = torch.rand(b, base_model.in_chans, base_model.img_size, base_model.img_size, device=dev)
+        y = torch.randint(0, 10, (b,), device=dev)
+
+        def make(x=x, y=y):
+            def f():
+                x_adv = make_adversarial(clf, x, y, attack)
+                opt.zero_grad(set_to_none=True)
+                with amp(dev, dtype):
+                    loss, _ = maep_loss(model, x_adv, x, 0.5, 1.0, 1.0)
+                loss.backward()
+                opt.step()
+            return f
+        B.run({**common, "variant": f"fused+pgd{pgd_steps}"}, b, make, fl["maep_train_step"] + pgd_steps * clf_fb,
+              extra={"pgd_steps": pgd_steps, "pair_generation": "PGD vs a frozen SmallCNN classifier, fp32"})
+    del model, opt
+
+
+# ------------------------------------------------------------------ the e2e suite
+E2E_STAGES = ("maep", "diffpure", "mae_pure", "train", "compile", "ops")
+
+
+def run_e2e(args, B: Bench, models: dict, fl_by_preset: dict, dtypes, unet_factory, unet_call, diffpure_skip):
+    """The rows in the order users run them, each written the moment it is measured:
+
+    1. MAEP eager and fused at ``--batch-sizes`` (128, 512)
+    2. DiffPure SDE-100 (``--diffpure-timed-steps`` timed, scaled), one-step, DDIM-5 at B128
+    3. MAE-Pure S150 fused, fused+graph, reference at B32 (``--mae-pure-timed-steps`` timed, scaled)
+    4. the MAEP training step with its PGD pair generation
+    5. torch.compile variants of MAEP (compile(reference), fused+compile)
+    6. op rows (bench_ops: every op per backend; ``--ops-args``)
+
+    ``--stages`` picks a subset, in this order."""
+    stages = [st for st in E2E_STAGES if st in set(args.stages.split(","))]
+    dev = B.device
+    for dtype in dtypes:
+        dname = str(dtype).split(".")[-1]
+        for stage in (st for st in stages if st != "ops"):
+            B.writer.stage = stage
+            print(f"-- [{stage}] {dname}", flush=True)
+            for p in args.presets_list:
+                m, fl = models[p], fl_by_preset[p]
+                if stage == "maep":
+                    bench_maep(B, p, m, dtype, args.batches, fl, use_compile=False)
+                elif stage == "mae_pure":
+                    bench_mae_pure(B, p, m, dtype, args.mp_batches, fl, args.steps_list,
+                                   timed_steps=args.mae_pure_timed_steps, graph_stand_in=args.dry_run)
+                elif stage == "train":
+                    bench_train_pgd(B, p, m, dtype, args.train_batches, fl, pgd_steps=args.train_pgd_steps)
+                elif stage == "compile":
+                    bench_maep(B, p, m, dtype, args.batches, fl, use_compile=True, eager=False,
+                               compile_backend=args.compile_backend)
+            if stage == "diffpure":
+                if diffpure_skip:
+                    for v in ("sde100", "one_step", "ddim5"):
+                        B.add({"purifier": "DiffPure", "variant": v, "preset": "ddpm_cifar10_unet", "dtype": dname,
+                               "batch": args.dp_batches[0], "skipped": diffpure_skip})
+                else:
+                    bench_diffpure(B, unet_factory(), dtype, args.dp_batches, unet_call, args.timed_steps,
+                                   order=("sde", "one_step", "ddim"))
+    if "ops" in stages:
+        B.writer.stage = "ops"
+        print("-- [ops]", flush=True)
+        import bench_ops
+
+        oargs = bench_ops.build_parser().parse_args(["--device", dev.type] + args.ops_args.split())
+        if oargs.compile_warmup_s is None:
+            oargs.compile_warmup_s = 120.0
+        if oargs.target_ms is None:
+            oargs.target_ms = 40.0 if dev.type == "cuda" else 0.0
+        if args.time_limit_s:
+            left = args.time_limit_s - (time.time() - B.t0)
+            oargs.time_limit_s = max(1.0, min(oargs.time_limit_s or left, left))
+        odt = [bench_ops.DTYPES[d] for d in (oargs.dtypes or ("bfloat16" if dev.type == "cuda" else "float32")).split(",")]
+        adt = [bench_ops.DTYPES[d] for d in (oargs.attn_dtypes or ("bfloat16" if dev.type == "cuda" else "float32")).split(",")]
+        configs = bench_ops.build_configs(dev, oargs.ops.split(","), odt, adt, oargs.quick)
+        runner = bench_ops.Runner(oargs, dev, B.ceil, B.writer)
+        for cfg in configs:
+            runner.run_config(cfg, with_compile=False)
+        if oargs.use_compile:
+            for cfg in configs:
+                runner.run_config(cfg, with_compile=True)
+    B.writer.stage = None
+
+
+def tiny_unet():
+    """A small UNet2DModel of the DDPM layout (the CPU dry run's DiffPure stand-in)."""
+    from maep_fast.baselines.diffpure import ddpm_cifar10_unet
+
+    return ddpm_cifar10_unet(block_out_channels=(32, 32, 32, 32), layers_per_block=1)
+
+
 # ------------------------------------------------------------------ output
 def plot(rows, path: Path, title: str) -> bool:
     """images/s vs batch size (log-log), one panel per dtype."""
@@ -382,7 +556,7 @@ def plot(rows, path: Path, title: str) -> bool:
         return False
     panels: dict[str, dict[str, list]] = {}
     for r in rows:
-        if r.get("images_per_s") and r["purifier"] != "MAEP-train":
+        if r.get("images_per_s") and r.get("purifier") not in (None, "MAEP-train"):
             label = label_of(r).replace(f"[{r['dtype']}, ", "[")
             panels.setdefault(r["dtype"], {}).setdefault(label, []).append((r["batch"], r["images_per_s"]))
     if not panels:
@@ -415,6 +589,7 @@ def best(rows, **match):
 
 
 def summarize(rows) -> list[str]:
+    rows = [r for r in rows if "purifier" in r]  # op rows (e2e stage "ops") are summarized by bench_ops
     out = []
     dtypes = sorted({r["dtype"] for r in rows})
     presets = sorted({r["preset"] for r in rows if r["purifier"] == "MAEP"})
@@ -513,7 +688,20 @@ def main() -> None:
     ap.add_argument("--compile-warmup-s", type=float, default=None,
                     help="a torch.compile warm-up (first call of a config) longer than this is recorded as skipped, "
                          "and later batches of that series too (default 120 on cuda, 300 on cpu; 0: no limit)")
-    ap.add_argument("--name", default=None, help="results file stem (default purify_<device>)")
+    ap.add_argument("--name", default=None, help="results file stem (default purify_<device>, e2e: e2e_<device>)")
+    ap.add_argument("--suite", choices=("default", "e2e"), default="default",
+                    help="e2e: the rows in the order users run them (run_e2e): MAEP eager/fused, DiffPure, MAE-Pure, "
+                         "the training step with PGD pairs, compile variants, op rows")
+    ap.add_argument("--stages", default=",".join(E2E_STAGES), help=f"e2e stages (a subset of {E2E_STAGES})")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="the e2e suite on the CPU at tiny sizes (demo preset, B2/B4, few steps, a small UNet, "
+                         "torch.compile backend 'eager', one op): proves the plumbing of every row in < ~60 s")
+    ap.add_argument("--mae-pure-timed-steps", type=int, default=None,
+                    help="time this many MAE-Pure steps and scale to S (default: all S; e2e on cuda: 20)")
+    ap.add_argument("--train-pgd-steps", type=int, default=10, help="PGD steps of the e2e training step's pairs")
+    ap.add_argument("--compile-backend", default="inductor", help="torch.compile backend of the e2e compile stage")
+    ap.add_argument("--ops-args", default="--quick --no-compile",
+                    help="bench_ops arguments of the e2e ops stage (its rows join this file)")
     ap.add_argument("--replot", default=None, metavar="JSON",
                     help="only redraw the PNG next to a results JSON of an earlier run, then exit")
     args = ap.parse_args()
@@ -525,6 +713,21 @@ def main() -> None:
         print(f"wrote {jpath.with_suffix('.png')}")
         return
 
+    if args.dry_run:  # tiny sizes on the CPU; explicit options still win
+        args.suite, args.device, args.quick = "e2e", "cpu", True
+        for k, v in (("presets", "demo"), ("batch_sizes", "2,4"), ("mae_pure_batch_sizes", "2"),
+                     ("diffpure_batch_sizes", "2"), ("train_batch_sizes", "2"), ("dtypes", "float32"),
+                     ("mae_pure_steps", "4"), ("mae_pure_timed_steps", 2), ("diffpure_timed_steps", 1),
+                     ("repeat", 2), ("budget_s", 0.05), ("compile_warmup_s", 60.0), ("name", "e2e_dryrun_cpu")):
+            if getattr(args, k) is None:
+                setattr(args, k, v)
+        if args.compile_backend == "inductor":
+            args.compile_backend = "eager"  # dynamo tracing without inductor's C++ build (minutes on a CPU)
+        if args.train_pgd_steps == 10:
+            args.train_pgd_steps = 2
+        if args.ops_args == "--quick --no-compile":
+            args.ops_args = "--quick --no-compile --ops pgd_step --repeat 2 --max-repeat 2"
+    e2e = args.suite == "e2e"
     device = torch.device(args.device)
     gpu = device.type == "cuda"
     if gpu and not torch.cuda.is_available():
@@ -534,6 +737,17 @@ def main() -> None:
     for p in presets:
         if p not in PRESETS:
             raise SystemExit(f"unknown preset {p!r}; choose from {sorted(PRESETS)}")
+    if e2e:
+        args.batch_sizes = args.batch_sizes or "128,512"
+        args.mae_pure_batch_sizes = args.mae_pure_batch_sizes or "32"
+        args.diffpure_batch_sizes = args.diffpure_batch_sizes or "128"
+        args.train_batch_sizes = args.train_batch_sizes or "128"
+        args.mae_pure_steps = args.mae_pure_steps or "150"
+        args.dtypes = args.dtypes or ("bfloat16" if gpu else "float32")
+        if args.mae_pure_timed_steps is None and gpu:
+            args.mae_pure_timed_steps = 20
+        if args.diffpure_timed_steps is None and gpu:
+            args.diffpure_timed_steps = 20
     batches = _ints(args.batch_sizes or ("1,8,32,128,512" if gpu else ("1,8" if q else "1,8,32")))
     dp_batches = _ints(args.diffpure_batch_sizes) if args.diffpure_batch_sizes else (
         [1] if (q and not gpu) else batches)
@@ -552,7 +766,7 @@ def main() -> None:
     if args.compile_warmup_s is None:
         args.compile_warmup_s = 120.0 if gpu else 300.0
     only = set(args.only.split(","))
-    if use_compile:
+    if use_compile or e2e:
         for k in ("cache_size_limit", "recompile_limit"):
             if hasattr(torch._dynamo.config, k):
                 setattr(torch._dynamo.config, k, 64)
@@ -562,7 +776,8 @@ def main() -> None:
         torch.backends.cudnn.allow_tf32 = args.tf32
     t_start = time.time()
     load0 = os.getloadavg()
-    ceil = measure_ceilings(device, quick=q)
+    ceil_m = 256 if args.dry_run else None
+    ceil = measure_ceilings(device, quick=q, m=ceil_m)
     meta = run_meta(device)
     meta.update(
         loadavg_start=load0, presets=presets, batch_sizes=batches, diffpure_batch_sizes=dp_batches,
@@ -573,19 +788,29 @@ def main() -> None:
         timing=("median_ms = median of CUDA-event times over back-to-back calls (no L2 flush), images_per_s from it; "
                 "latency_ms = wall clock of one synchronized call" if gpu else "wall clock of one call"),
         env_MAEP_FAST_BACKEND=os.environ.get("MAEP_FAST_BACKEND"),
+        suite=args.suite, dry_run=bool(args.dry_run), mae_pure_timed_steps=args.mae_pure_timed_steps,
+        stages=[st for st in E2E_STAGES if st in args.stages.split(",")] if e2e else None,
+        compile_backend=args.compile_backend if e2e else "inductor",
+        mfu_method="MFU = achieved TFLOP/s / the matmul ceiling of the row's dtype measured in this run (start and "
+                   "end, the larger); op rows: frac_of_matmul (attention), None for memory-bound ops",
         omp_num_threads=os.environ.get("OMP_NUM_THREADS"),
         memory_method=("torch.cuda.max_memory_allocated over the timed calls (peak_mem_MB, includes weights); "
                        "peak_mem_over_resident_MB subtracts what was allocated before" if gpu else
-                       "cpu_rss_growth_MB: peak RSS minus pre-call RSS, sampled every 2 ms in a thread (approximate; "
-                       "memory the allocator already holds is not seen)"),
-        note=("random weights; bf16 = torch.autocast; latency = median ms per call (one batch); MFU = images/s x "
+                       "peak_mem_MB is null on the CPU; cpu_rss_growth_MB: peak RSS minus pre-call RSS, sampled every "
+                       "2 ms in a thread (approximate; memory the allocator already holds is not seen)"),
+        note=("random weights; bf16 = Purifier/MAEPure under the caller's torch.autocast (precision 'auto': the cast "
+              "bf16 copy of the model), training and DiffPure under torch.autocast; latency = median ms per call (one batch); MFU = images/s x "
               "FLOPs/image / measured matmul ceiling of the dtype; FLOPs count matmul-like ops only (bench/flops.py)"),
     )
     print(f"device {meta['device']} ({device.type}) | threads {torch.get_num_threads()} | load {load0} | ceilings {ceil}")
 
     diffpure_skip = None
     try:
-        unet_call = flopmod.diffpure_unet_flops()
+        if args.dry_run:
+            with torch.device("meta"):
+                unet_call = flopmod.diffpure_unet_flops(tiny_unet())
+        else:
+            unet_call = flopmod.diffpure_unet_flops()
     except ImportError as exc:  # diffusers missing on this machine: DiffPure rows say so
         unet_call, diffpure_skip = None, f"DiffPure skipped: {exc}"
         print(diffpure_skip)
@@ -595,8 +820,8 @@ def main() -> None:
                            "maep_train_step": flopmod.maep_train_flops(p)}
     meta["flops_per_image"] = {"diffpure_unet_call": unet_call, **{p: v for p, v in fl_by_preset.items()}}
 
-    name = args.name or f"purify_{device.type}"
-    writer = start_results(name, meta)
+    name = args.name or (f"e2e_{device.type}" if e2e else f"purify_{device.type}")
+    writer = RowWriter(start_results(name, meta), device)
     print(f"writing {writer.json_path} row by row", flush=True)
     B = Bench(args, device, ceil, writer)
     torch.manual_seed(0)
@@ -604,6 +829,14 @@ def main() -> None:
     # order: the cheap, headline comparisons first (MAEP, DiffPure, training), MAE-Pure (the slowest) last,
     # fewer steps before more; --time-limit-s skips what is left and still writes the results
     unet = None
+    if e2e:
+        def unet_factory():
+            return (tiny_unet() if args.dry_run else __import__("maep_fast.baselines.diffpure", fromlist=["x"])
+                    .ddpm_cifar10_unet()).to(device).eval()
+        args.presets_list, args.batches, args.mp_batches, args.dp_batches = presets, batches, mp_batches, dp_batches
+        args.train_batches, args.steps_list, args.timed_steps = train_batches, steps_list, timed_steps
+        run_e2e(args, B, models, fl_by_preset, dtypes, unet_factory, unet_call, diffpure_skip)
+        only = set()
     for dtype in dtypes:
         dname = str(dtype).split(".")[-1]
         for p in presets:
@@ -632,7 +865,7 @@ def main() -> None:
                     print(f"-- MAE-Pure S{s} {p} {str(dtype).split('.')[-1]}")
                     bench_mae_pure(B, p, models[p], dtype, mp_batches, fl_by_preset[p], [s])
     meta["loadavg_end"] = os.getloadavg()
-    ceil_end = measure_ceilings(device, quick=q)
+    ceil_end = measure_ceilings(device, quick=q, m=ceil_m)
     best_ceil = {k: max(v, ceil_end.get(k, v)) for k, v in ceil.items()}
     meta.update(ceilings_start=ceil, ceilings_end=ceil_end, ceilings=best_ceil,
                 mfu_ceiling="the larger of the matmul ceilings measured at the start and at the end of the run")

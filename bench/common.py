@@ -217,8 +217,9 @@ def reset_compile_state(device: torch.device | None = None) -> None:
             pass
 
 
-def measure_ceilings(device: torch.device, quick: bool = False) -> dict:
-    """Measured memory bandwidth (GB/s, large copy) and matmul throughput (TFLOP/s) of ``device``."""
+def measure_ceilings(device: torch.device, quick: bool = False, m: int | None = None) -> dict:
+    """Measured memory bandwidth (GB/s, large copy) and matmul throughput (TFLOP/s) of ``device``
+    (``m``: the square matmul's size; default 1024 on the CPU, 8192 on CUDA)."""
     n = (1 << 24) if device.type == "cpu" else (1 << 28)
     if quick:
         n >>= 2
@@ -229,7 +230,8 @@ def measure_ceilings(device: torch.device, quick: bool = False) -> dict:
     out = {"mem_bw_GBps": bw}
     # bf16 on the CPU too: without AVX512-BF16/AMX it is emulated, and its MFU must use its own ceiling
     dtypes = [torch.float32, torch.bfloat16] if device.type == "cpu" else [torch.float32, torch.bfloat16, torch.float16]
-    m = 1024 if device.type == "cpu" else 8192
+    if m is None:
+        m = 1024 if device.type == "cpu" else 8192
     for dt in dtypes:
         x = torch.randn(m, m, device=device, dtype=dt)
         y = torch.randn(m, m, device=device, dtype=dt)

@@ -10,6 +10,7 @@ Three subcommands, one JSON line each (results under bench/results/):
   (torchattacks), AutoAttack standard (torchattacks, cut budget ``--aa-steps`` /
   ``--aa-queries``), PGD-feature and PGD-MI (maep_fast.attacks.mimir_attacks) at
   every ``--eps`` -> ``mimir_compare_cpu.jsonl``.
+* ``table``: the comparison records as one markdown table.
 * ``cnn``: trains (or loads from ``--save``) the demo's undefended SmallCNN
   (15 epochs, lr 2e-3, wd 5e-4, batch 64, seed 0) for the baseline rows.
 
@@ -157,6 +158,25 @@ def cmd_eval(a) -> None:
     _append(Path(a.out or RESULTS / "mimir_compare_cpu.jsonl"), rec)
 
 
+def cmd_table(a) -> None:
+    """The comparison as a markdown table (one row per model x attack x eps), from ``--inp``."""
+    recs = {}
+    for line in Path(a.inp).read_text().splitlines():
+        if line.strip():
+            r = json.loads(line)
+            recs[r["name"]] = r  # the last record of a name wins
+    names = a.names or list(recs)
+    print("| model | attack | eps | steps | n | accuracy |")
+    print("|---|---|---|---|---|---|")
+    for name in names:
+        r = recs[name]
+        label = f"{name}: {r['trained']}" if a.describe and r.get("trained") else name
+        print(f"| {label} | none (clean) | - | - | {r['n']} | {100 * r['clean']:.2f} % |")
+        for row in sorted(r["rows"], key=lambda q: (int(q["eps"].split("/")[0]), q["attack"])):
+            print(f"| {label} | {row['attack']} | {row['eps']} | {row['steps']} | {r['n']} | "
+                  f"{100 * row['accuracy']:.2f} % |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -186,6 +206,11 @@ def main() -> None:
     p.add_argument("--aa-queries", type=int, default=250)
     p.add_argument("--out", default=None)
     p.set_defaults(func=cmd_eval)
+    p = sub.add_parser("table")
+    p.add_argument("--inp", default=str(RESULTS / "mimir_compare_cpu.jsonl"))
+    p.add_argument("--names", nargs="*", default=None)
+    p.add_argument("--describe", action="store_true", help="label rows with the checkpoint's training description")
+    p.set_defaults(func=cmd_table)
     p = sub.add_parser("cnn")
     p.add_argument("--save", default="/tmp/mimir/cnn")
     p.add_argument("--no-progress", action="store_true")

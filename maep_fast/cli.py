@@ -313,23 +313,12 @@ def cmd_mimir(args) -> int:
     _seed(args)  # train_mimir_vit seeds again with --seed before it builds the model
     ds = _load_data(args)
     c, h, _ = ds.image_shape
-    checks = [
-        (args.patch_size >= 1 and h % args.patch_size == 0,
-         f"--patch-size {args.patch_size} must divide the image size {h}"),
-        (args.embed_dim >= 1 and args.num_heads >= 1 and args.embed_dim % args.num_heads == 0,
-         f"--embed-dim {args.embed_dim} must be a positive multiple of --num-heads {args.num_heads}"),
-        (args.depth >= 1, f"--depth must be >= 1, got {args.depth}"),
-        (args.pretrain_epochs >= 0, f"--pretrain-epochs must be >= 0, got {args.pretrain_epochs}"),
-        (args.epochs >= 0, f"--epochs must be >= 0, got {args.epochs}"),
-        (args.batch_size >= 1, f"--batch-size must be >= 1, got {args.batch_size}"),
-        (args.steps >= 0, f"--steps must be >= 0, got {args.steps}"),
-        (args.eps >= 0, f"--eps must be >= 0, got {args.eps}"),
-        (args.pretrain_eps >= 0, f"--pretrain-eps must be >= 0, got {args.pretrain_eps}"),
-        (args.eps_start is None or 0 <= args.eps_start <= args.eps,
-         f"--eps-start {args.eps_start} must be in [0, --eps {args.eps}]"),
-        (0 <= args.ramp_frac <= 1, f"--ramp-frac must be in [0, 1], got {args.ramp_frac}"),
-        (args.trades_beta is None or args.trades_beta >= 0, f"--trades-beta must be >= 0, got {args.trades_beta}"),
-        (0 < args.mask_ratio < 1, f"--mask-ratio must be in (0, 1), got {args.mask_ratio}"),
+    checks = [  # the single-flag ranges are argparse types; these relate flags to each other or to the data
+        (h % args.patch_size == 0, f"--patch-size {args.patch_size} must divide the image size {h}"),
+        (args.embed_dim % args.num_heads == 0,
+         f"--embed-dim {args.embed_dim} must be a multiple of --num-heads {args.num_heads}"),
+        (args.eps_start is None or args.eps_start <= args.eps,
+         f"--eps-start {args.eps_start:g} must be <= --eps {args.eps:g}"),
     ]
     for ok, message in checks:
         if not ok:
@@ -582,22 +571,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(batch_size=64)
     p.add_argument("--pretrain", default="mimir", choices=["mimir", "mae", "none"],
                    help="mimir: MIMIR pretraining; mae: plain MAE pretraining; none: adversarial training from scratch")
-    p.add_argument("--pretrain-epochs", type=int, default=20)
-    p.add_argument("--pretrain-lr", type=float, default=1.5e-3)
-    p.add_argument("--pretrain-eps", type=_number, default=8 / 255, help="MIMIR's PGD_MAE radius (alpha 10/8 of it)")
-    p.add_argument("--mi-weight", type=float, default=1e-5, help="weight of MIMIR's HSIC penalty (published 1e-5)")
-    p.add_argument("--mask-ratio", type=float, default=0.75)
-    p.add_argument("--patch-size", type=int, default=4)
-    p.add_argument("--embed-dim", type=int, default=96)
-    p.add_argument("--depth", type=int, default=4)
-    p.add_argument("--num-heads", type=int, default=4)
-    p.add_argument("--eps", type=_number, default=8 / 255, help="finetuning eps (L-inf)")
-    p.add_argument("--eps-start", type=lambda t: None if t.lower() == "none" else _number(t), default=0.0,
+    p.add_argument("--pretrain-epochs", type=_COUNT, default=20)
+    p.add_argument("--pretrain-lr", type=_POSITIVE, default=1.5e-3)
+    p.add_argument("--pretrain-eps", type=_NONNEG, default=8 / 255, help="MIMIR's PGD_MAE radius (alpha 10/8 of it)")
+    p.add_argument("--mi-weight", type=_NONNEG, default=1e-5, help="weight of MIMIR's HSIC penalty (published 1e-5)")
+    p.add_argument("--mask-ratio", type=_OPEN_RATIO, default=0.75)
+    p.add_argument("--patch-size", type=_POSITIVE_INT, default=4, help="4: 16 tokens on 16x16 images; 2: 64 tokens")
+    p.add_argument("--embed-dim", type=_POSITIVE_INT, default=96)
+    p.add_argument("--depth", type=_POSITIVE_INT, default=4)
+    p.add_argument("--num-heads", type=_POSITIVE_INT, default=4)
+    p.add_argument("--eps", type=_NONNEG, default=8 / 255, help="finetuning eps (L-inf)")
+    p.add_argument("--eps-start", type=lambda t: None if t.lower() == "none" else _NONNEG(t), default=0.0,
                    help="ramp the finetuning eps from this value up to --eps ('none': no ramp)")
-    p.add_argument("--ramp-frac", type=float, default=0.3, help="fraction of the finetuning steps the eps ramp takes")
-    p.add_argument("--steps", type=int, default=3, help="PGD steps of the finetuning attack")
-    p.add_argument("--alpha", type=_number, default=None, help="PGD step size (default 2.5 * eps / steps)")
-    p.add_argument("--trades-beta", type=lambda t: None if t.lower() == "none" else float(t), default=6.0,
+    p.add_argument("--ramp-frac", type=_number_in(0, 1), default=0.3,
+                   help="fraction of the finetuning steps the eps ramp takes")
+    p.add_argument("--steps", type=_COUNT, default=3, help="PGD steps of the finetuning attack")
+    p.add_argument("--alpha", type=_NONNEG, default=None, help="PGD step size (default 2.5 * eps / steps)")
+    p.add_argument("--trades-beta", type=lambda t: None if t.lower() == "none" else _NONNEG(t), default=6.0,
                    help="TRADES beta; 'none': PGD-AT (Madry)")
     p.add_argument("--out", required=True,
                    help="output directory (ViT classifier in OUT/vit, pretrained MAE in OUT/mae, snapshots in OUT/state_*)")

@@ -77,6 +77,14 @@ class DemoConfig:
     aa_steps: int = 100  # AutoAttack's APGD/FAB iterations (its default 100)
     aa_queries: int = 5000  # Square queries (AutoAttack's default 5000)
     n_eval: int = 360  # the whole test split
+    # MAEP finetuned through itself (AttackConfig(target="defended")), from the MAEP above: pairs by PGD on
+    # classifier(MAEP(x)) at mask 0 with the current weights, a share of classifier-only pairs; 0 epochs = off
+    defended_epochs: int = 0
+    defended_steps: int = 3  # PGD steps of the pairs, step eps/2
+    defended_eps: float = 16 / 255
+    defended_classifier_frac: float = 0.3
+    defended_lr: float = 1e-3
+    defended_train_n: int = 0  # 0 = the whole train split
     # MAEP with test-time randomness: mean of n_masks reconstructions at mask ratio r > 0
     maep_rand: bool = True
     rand_mask_ratio: float = 0.25
@@ -115,7 +123,8 @@ class DemoConfig:
 
 QUICK = dict(classifier_epochs=1, stage1_epochs=1, stage2_epochs=1, train_steps=1, eval_steps=2, n_eval=32,
              rand_masks=2, rand_eot=1, rand_n=16, mae_epochs=1, mp_steps=2, mp_n=8, mp_attack_steps=1, mp_eot=1,
-             mimir_pretrain_epochs=1, mimir_finetune_epochs=1, mimir_steps=1, mimir_n=32, mimir_train_n=128)
+             mimir_pretrain_epochs=1, mimir_finetune_epochs=1, mimir_steps=1, mimir_n=32, mimir_train_n=128,
+             defended_epochs=1, defended_steps=1, defended_train_n=64)
 
 # --full: the quality run: MAEP stage 1 60 epochs on PGD-10 pairs at a per-batch eps in [4, 28]/255
 # with classifier guidance (w_cls 1, 20 % clean inputs; the paper's loss alone at 16/255 reached oblivious
@@ -131,7 +140,8 @@ FULL = dict(full=True, stage1_epochs=60, stage2_epochs=5, train_steps=10, train_
             attacks=("pgd", "ta-pgd", "autoattack"), aa_steps=10, aa_queries=250, rand_n=360, rand_masks=2, rand_eot=4,
             rand_attacks=("pgd",), mae_epochs=80, mp_n=64, mp_oblivious_all=True,
             mp_eta=40 / 255, mp_mask_ratio=0.6,  # the best measured MAE-Pure schedule (docs/results.md, recipes)
-            mp_attack_steps=10, mp_eot=2, mp_aa_steps=5, mp_attacks=("pgd", "autoattack"), mimir=True)
+            mp_attack_steps=10, mp_eot=2, mp_aa_steps=5, mp_attacks=("pgd", "autoattack"), mimir=True,
+            defended_epochs=12)
 
 
 MIMIR_COMMAND = "maep-fast mimir --out runs/mimir"
@@ -214,6 +224,22 @@ def run_demo(out_dir: str | Path = "runs/demo", cfg: DemoConfig | None = None) -
                                    f"{_train_eps_words(cfg)} (mask 0.5) + stage 2 {cfg.stage2_epochs} ep decoder "
                                    f"LoRA at mask 0; {_loss_words(cfg)}; one deterministic pass at mask 0")
     lap("eval_maep", t)
+    # 1b. MAEP finetuned through itself
+    defended = None
+    if cfg.defended_epochs > 0:
+        t = time.perf_counter()
+        defended = _train_defended(cfg, model, classifier, train)
+        lap("maep_defended_train", t)
+        t = time.perf_counter()
+        sections["maep_defended"] = _sweep(
+            cfg, classifier, Purifier(defended), ev, defense="MAEP (through itself)", randomized=False,
+            threat_models=("oblivious", "adaptive-full-gradient"), eot=1, steps=cfg.eval_steps,
+            note=f"the MAEP above, finetuned {cfg.defended_epochs} ep at mask 0 on PGD-{cfg.defended_steps} pairs "
+                 f"made through classifier(MAEP(x)) at eps {cfg.defended_eps * 255:.0f}/255 "
+                 f"({100 * cfg.defended_classifier_frac:.0f} % of batches against the classifier alone), "
+                 f"loss l1 + MSE + {max(cfg.w_cls, 1.0):g} x KL classification loss on the purified output, "
+                 f"{max(cfg.clean_frac, 0.2):.0%} clean inputs; one deterministic pass at mask 0")
+        lap("eval_maep_defended", t)
     # 2. MAEP with test-time randomness
     if cfg.maep_rand:
         t = time.perf_counter()
@@ -284,6 +310,9 @@ def run_demo(out_dir: str | Path = "runs/demo", cfg: DemoConfig | None = None) -
     _grid(cfg, classifier, purifier, mp, test, out / "grid.png")
     save_model(classifier, out / "classifier", meta={"data": "digits", "image_size": cfg.image_size})
     save_model(model, out / "maep", meta={"data": "digits", "image_size": cfg.image_size, "trained": "MAEP stage 1 + 2"})
+    if defended is not None:
+        save_model(defended, out / "maep_defended", meta={"data": "digits", "image_size": cfg.image_size,
+                                                          "trained": sections["maep_defended"]["note"]})
     if mae is not None:
         save_model(mae, out / "mae", meta={"data": "digits", "image_size": cfg.image_size,
                                             "trained": f"MAE pretraining {cfg.mae_epochs} epochs, mask {cfg.mae_mask_ratio}"})
@@ -337,6 +366,31 @@ def _loss_words(cfg: DemoConfig) -> str:
     if cfg.clean_frac:
         words += f", {cfg.clean_frac:.0%} clean inputs"
     return words
+
+
+def _train_defended(cfg: DemoConfig, model, classifier, train):
+    """A copy of the trained MAEP, finetuned through itself (stage 1 at mask 0, no LoRA stage)."""
+    import copy
+
+    defended = copy.deepcopy(model).train()
+    for p in defended.parameters():
+        p.requires_grad_(True)
+    for name in ("pos_embed", "decoder_pos_embed"):
+        getattr(defended, name).requires_grad_(False)
+    data = train if not cfg.defended_train_n or cfg.defended_train_n >= len(train) else \
+        train.subset(cfg.defended_train_n, seed=cfg.seed)
+    set_seed(cfg.seed)
+    eps = cfg.defended_eps
+    dcfg = MAEPConfig(
+        mask_ratio=0.0, w_cls=max(cfg.w_cls, 1.0), clean_frac=max(cfg.clean_frac, 0.2),
+        attack=AttackConfig(norm="linf", eps=eps, step_size=eps / 2 if cfg.defended_steps > 1 else eps,
+                            steps=cfg.defended_steps, target="defended",
+                            classifier_frac=cfg.defended_classifier_frac),
+        stage1=LoopConfig(epochs=cfg.defended_epochs, batch_size=cfg.batch_size, lr=cfg.defended_lr, seed=cfg.seed,
+                          progress=cfg.progress, desc="MAEP through itself"),
+        stage2=LoopConfig(epochs=0, progress=False))
+    train_maep(defended, data, dcfg, classifier)
+    return defended.eval()
 
 
 def _sweep(cfg: DemoConfig, classifier, purifier, ev, *, defense: str, randomized: bool, threat_models, eot: int,

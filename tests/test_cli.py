@@ -72,7 +72,9 @@ def test_demo_quick_via_module(tmp_path):
     assert all(keys <= set(row) for row in m["rows"])
     tms = {(row["defense"], row["threat_model"]) for row in m["rows"]}
     assert {("MAEP", "oblivious"), ("MAEP", "adaptive-full-gradient"), ("MAE-Pure", "bpda-eot"),
-            ("MAEP-rand", "adaptive-full-gradient"), ("no defense", "oblivious")} <= tms
+            ("MAEP-rand", "adaptive-full-gradient"), ("no defense", "oblivious"),
+            ("MAEP (through itself)", "adaptive-full-gradient")} <= tms
+    assert (tmp_path / "maep_defended" / "model.safetensors").is_file()
     assert m["config"]["mae_pure"] and (tmp_path / "mae" / "model.safetensors").is_file()  # a plain MAE for MAE-Pure
     for f in ("grid.png", "acc_vs_eps.png", "table.md"):
         assert (tmp_path / f).stat().st_size > 100, f

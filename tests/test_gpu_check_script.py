@@ -6,7 +6,10 @@
 - results files are rewritten atomically after every row (a stopped run keeps its rows);
 - a warm-up deadline interrupts the main thread and leaves no timer behind;
 - the CUDA branch of ``time_fn`` (events, L2 flush, busy-wait, latency) against a fake device;
-- bench_purify --replot draws a partial results file.
+- bench_purify --replot draws a partial results file;
+- bench_purify --dry-run (the e2e suite at tiny sizes on the CPU) writes every row, in the order users
+  run them, each with MFU and peak-memory fields; gpu_check.sh wires the e2e, compile and precision
+  steps (bench/precision_demo.py --dry-run) and keeps their results.
 """
 from __future__ import annotations
 
@@ -50,24 +53,29 @@ def test_dry_run_steps_caps_summary_tarball(tmp_path):
     committed = {p: p.stat().st_mtime_ns for p in (ROOT / "bench" / "results").glob("*")}
     out = tmp_path / "gc"
     t0 = time.time()
-    total = 110  # generous: the steps finish early, the deadline only matters on a slow machine
+    total = 150  # generous: the steps finish early, the deadline only matters on a slow machine
     proc = subprocess.run(
         ["bash", str(SCRIPT), "--dry-run", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=total + 60,
         env=_env(MAEP_FAST_GPU_CHECK_TOTAL_S=total,
                  # keep it short on two cores: the other steps' plumbing is the same
-                 MAEP_FAST_GPU_CHECK_SKIP="cuda_tests,gpu_marked_tests,bench_purify",
+                 MAEP_FAST_GPU_CHECK_SKIP="cuda_tests,gpu_marked_tests,bench_e2e,bench_compile,precision_demo",
                  MAEP_FAST_GPU_CHECK_HANG="bench_overhead", MAEP_FAST_GPU_CHECK_CAP_bench_overhead=4,
                  MAEP_FAST_GPU_CHECK_DRYRUN_OPS="pgd_step"))
     wall = time.time() - t0
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert wall < total + 15, wall  # the deadline holds (+ interpreter start and the tarball)
     steps = _steps(out)
-    for name in ("env", "build", "triton_tests", "cuda_tests", "gpu_marked_tests", "memcheck", "bench_overhead", "bench_ops", "bench_purify"):
-        assert name in steps, (name, steps)
+    # steps.tsv is in finishing order; the three test steps run side by side, after the e2e measurements
+    pos = {n: i for i, n in enumerate(steps)}
+    tests = [pos[n] for n in ("triton_tests", "cuda_tests", "gpu_marked_tests")]
+    assert pos["env"] < pos["build"] < pos["bench_e2e"] < min(tests), list(steps)
+    assert max(tests) < pos["memcheck"] < pos["bench_overhead"] < pos["bench_compile"] < pos["bench_ops"] \
+        < pos["precision_demo"], list(steps)
     assert steps["bench_overhead"]["status"] == "timeout" and steps["bench_overhead"]["seconds"] <= 4 + 3
     for name in ("env", "build", "triton_tests", "memcheck", "bench_ops"):
         assert steps[name]["status"] == "ok", (name, steps[name], (out / "logs" / f"{name}.log").read_text()[-2000:])
-    assert steps["cuda_tests"]["status"] == steps["gpu_marked_tests"]["status"] == steps["bench_purify"]["status"] == "skipped"
+    assert {steps[n]["status"] for n in ("cuda_tests", "gpu_marked_tests", "bench_e2e", "bench_compile", "precision_demo")} \
+        == {"skipped"}
     summary = (out / "summary.txt").read_text()
     assert "CPU DRY RUN" in summary and "gpu_tests: PASSED" in summary and "git_sha:" in summary
     assert "torch:" in summary and "triton:" in summary
@@ -79,7 +87,12 @@ def test_dry_run_steps_caps_summary_tarball(tmp_path):
     with tarfile.open(out / "gpu_check.tar.gz") as tf:
         names = tf.getnames()
     assert "gc/summary.txt" in names and "gc/logs/bench_ops.log" in names and "gc/results/ops_cpu.json" in names
-    assert {p: p.stat().st_mtime_ns for p in (ROOT / "bench" / "results").glob("*")} == committed
+    # the dry run's own results (same names) went to OUT/results; bench/results keeps its files as they were
+    # (only those names: other runs on this machine may write other results files meanwhile)
+    ours = {p.name for p in (out / "results").glob("*")}
+    assert ours
+    assert {p: p.stat().st_mtime_ns for p in (ROOT / "bench" / "results").glob("*") if p.name in ours} \
+        == {p: t for p, t in committed.items() if p.name in ours}
 
 
 def test_dry_run_exit_code_follows_gpu_tests(tmp_path):
@@ -87,7 +100,8 @@ def test_dry_run_exit_code_follows_gpu_tests(tmp_path):
     proc = subprocess.run(
         ["bash", str(SCRIPT), str(out)], cwd=ROOT, capture_output=True, text=True, timeout=120,
         env=_env(MAEP_FAST_GPU_CHECK_DRYRUN=1, MAEP_FAST_GPU_CHECK_TOTAL_S=60,
-                 MAEP_FAST_GPU_CHECK_SKIP="env,build,cuda_tests,gpu_marked_tests,memcheck,bench_overhead,bench_ops,bench_purify",
+                 MAEP_FAST_GPU_CHECK_SKIP="env,build,bench_e2e,cuda_tests,gpu_marked_tests,memcheck,bench_overhead,"
+                                          "bench_compile,bench_ops,precision_demo",
                  MAEP_FAST_GPU_CHECK_HANG="triton_tests", MAEP_FAST_GPU_CHECK_CAP_triton_tests=3))
     assert proc.returncode == 1, proc.stdout[-3000:]
     assert _steps(out)["triton_tests"]["status"] == "timeout"
@@ -206,3 +220,75 @@ def test_replot_draws_a_partial_file(tmp_path):
     subprocess.run([sys.executable, str(ROOT / "bench" / "bench_purify.py"), "--replot", str(w.json_path)],
                    check=True, cwd=ROOT, capture_output=True, timeout=120)
     assert (tmp_path / "purify_partial.png").stat().st_size > 1000
+
+
+# ------------------------------------------------------------------ the e2e suite's dry run
+E2E_ORDER = [  # (stage, purifier, variant, batch) in the order of the suite
+    ("maep", "MAEP", "eager", 2), ("maep", "MAEP", "fused", 2), ("maep", "MAEP", "eager", 4), ("maep", "MAEP", "fused", 4),
+    ("diffpure", "DiffPure", "sde100", 2), ("diffpure", "DiffPure", "one_step", 2), ("diffpure", "DiffPure", "ddim5", 2),
+    ("mae_pure", "MAE-Pure", "fused", 2), ("mae_pure", "MAE-Pure", "fused+graph", 2),
+    ("mae_pure", "MAE-Pure", "reference", 2),
+    ("train", "MAEP-train", "fused+pgd2", 2),
+    ("compile", "MAEP", "compile", 2), ("compile", "MAEP", "fused+compile", 2),
+    ("compile", "MAEP", "compile", 4), ("compile", "MAEP", "fused+compile", 4),
+]
+
+
+def test_bench_purify_dry_run_writes_every_row_in_order(tmp_path):
+    pytest.importorskip("diffusers")
+    t0 = time.time()
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_purify.py"), "--dry-run"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300,
+                          env=_env(MAEP_FAST_BENCH_RESULTS_DIR=tmp_path, OMP_NUM_THREADS=1))
+    wall = time.time() - t0
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = json.loads((tmp_path / "e2e_dryrun_cpu.json").read_text())
+    meta, rows = data["meta"], data["rows"]
+    assert meta["complete"] is True and meta["dry_run"] is True and meta["suite"] == "e2e"
+    assert meta["ceilings"]["matmul_float32_TFLOPs"] > 0 and "peak_mem_MB is null on the CPU" in meta["memory_method"]
+    assert meta["compile_backend"] == "eager"
+    got = [(r["stage"], r["purifier"], r["variant"], r["batch"]) for r in rows if "purifier" in r]
+    assert got == E2E_ORDER
+    for r in rows:
+        assert "mfu" in r and "peak_mem_MB" in r and "stage" in r, r
+        assert not r.get("skipped") and not r.get("error"), r
+    for r in rows:
+        if "purifier" not in r:
+            continue
+        assert r["median_ms"] > 0 and r["images_per_s"] > 0 and r["gflop_per_image"] > 0, r
+        assert 0 < r["mfu"] < 5 and r["peak_mem_MB"] is None and r["cpu_rss_growth_MB"] is not None, r
+    mp = [r for r in rows if r.get("purifier") == "MAE-Pure"]
+    assert all(r["steps"] == 4 and r["steps_timed"] == 2 and r["extrapolated"] for r in mp)
+    assert "CPU stand-in" in mp[1]["capture"]
+    sde = rows[4]
+    assert sde["extrapolated"] and sde["network_calls"] == 100 and sde["timed_network_calls"] == 1
+    assert rows[10]["pgd_steps"] == 2
+    ops = rows[len(E2E_ORDER):]
+    assert ops and all(r["stage"] == "ops" and r["op"] == "pgd_step" and r["median_ms"] > 0 for r in ops)
+    assert {r["variant"] for r in ops} >= {"eager"}
+    csv_head = (tmp_path / "e2e_dryrun_cpu.csv").read_text().splitlines()[0].split(",")
+    assert {"stage", "mfu", "peak_mem_MB", "images_per_s"} <= set(csv_head)
+    print(f"dry run wall {wall:.1f} s, measured {meta['wall_s']} s")
+    assert meta["wall_s"] < 120  # ~30 s on two shared cores
+
+
+def test_gpu_check_dry_run_runs_the_bench_steps(tmp_path):
+    pytest.importorskip("diffusers")
+    out = tmp_path / "gc"
+    proc = subprocess.run(
+        ["bash", str(SCRIPT), "--dry-run", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=400,
+        env=_env(MAEP_FAST_GPU_CHECK_TOTAL_S=300, OMP_NUM_THREADS=1,
+                 MAEP_FAST_GPU_CHECK_SKIP="env,build,triton_tests,cuda_tests,gpu_marked_tests,memcheck,bench_overhead,"
+                                          "bench_ops"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    steps = _steps(out)
+    for name in ("bench_e2e", "bench_compile", "precision_demo"):
+        assert steps[name]["status"] == "ok", (name, steps[name], (out / "logs" / f"{name}.log").read_text()[-2000:])
+    e2e = json.loads((out / "results" / "e2e_cpu.json").read_text())
+    assert e2e["meta"]["complete"] and [r["stage"] for r in e2e["rows"]][:1] == ["maep"]
+    assert {r["stage"] for r in e2e["rows"]} == {"maep", "diffpure", "mae_pure", "train"}
+    comp = json.loads((out / "results" / "e2e_compile_cpu.json").read_text())
+    assert {r["variant"] for r in comp["rows"]} == {"compile", "fused+compile"}
+    prec = json.loads((out / "results" / "precision_demo_cpu.json").read_text())
+    assert {r["precision"] for r in prec["rows"]} == {"fp32", "bf16"} and prec["meta"]["complete"]
+    assert all("diff_points" in r for r in prec["rows"] if r["precision"] == "bf16")

@@ -170,3 +170,4 @@ def test_cli_train_through_the_purifier(tmp_path, capsys):
     no_guidance = [a if a != "1" or args[i - 1] != "--w-cls" else "0" for i, a in enumerate(args)]
     assert main([*no_guidance[:-1], str(tmp_path / "bad")]) == 2
     assert "w_cls" in capsys.readouterr().err
+

@@ -121,16 +121,16 @@ def test_the_copy_follows_weight_updates_in_place():
     y0 = pur.purify(x)
     cp = pur.compute_model(torch.bfloat16)
     ptrs = [p.data_ptr() for p in cp.parameters()]
-    opt = torch.optim.SGD(m.parameters(), lr=0.5)
-    m.reconstruct(x).sum().backward()
+    opt = torch.optim.SGD(m.parameters(), lr=1e-2)
+    (m.reconstruct(x) - x).pow(2).mean().backward()
     opt.step()  # in place: bumps the parameters' versions
     y1 = pur.purify(x)
     assert pur.compute_model(torch.bfloat16) is cp and [p.data_ptr() for p in cp.parameters()] == ptrs
     torch.testing.assert_close(y1, Purifier(m, precision="bf16").purify(x), atol=0, rtol=0)
-    assert not torch.equal(y1, y0)
+    assert not torch.equal(y1, y0) and 0 < y1.mean() < 1
     # a write that bypasses the version counter is seen after refresh_weights()
     with torch.no_grad():
-        m.decoder_pred.bias.data.add_(0.3)
+        m.decoder_pred.bias.data.add_(0.05)
     stale = pur.purify(x)
     torch.testing.assert_close(stale, y1, atol=0, rtol=0)
     pur.refresh_weights()
@@ -151,6 +151,21 @@ def test_attention_settings_get_their_own_copy():
     assert cache.get(torch.float32) is m and cache.get(torch.float64) is m
 
 
+def test_the_copy_follows_a_device_move_and_a_replaced_model():
+    m = _model()
+    pur = Purifier(m, precision="bf16")
+    x = torch.rand(2, 3, 16, 16)
+    pur.purify(x)
+    pur.model = _model(depth=1)  # replaced: the next call casts the new one
+    torch.testing.assert_close(pur.purify(x), Purifier(_model(depth=1), precision="bf16").purify(x), atol=0, rtol=0)
+    cache = CastModelCache(m)
+    cp = cache.get(torch.bfloat16)
+    m.to(torch.device("meta"))  # any other device: the copy is rebuilt there, not refreshed across devices
+    cp2 = cache.get(torch.bfloat16)
+    assert cp2 is not cp and cp2.patch_embed.proj.weight.device.type == "meta"
+    assert cp2.patch_embed.proj.weight.dtype == torch.bfloat16
+
+
 # ------------------------------------------------------------------ input checks
 def test_cpu_checks_every_call_and_validate_false_skips():
     pur = Purifier(_model())
@@ -160,7 +175,7 @@ def test_cpu_checks_every_call_and_validate_false_skips():
     bad[0, 0, 0, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
         pur.purify(bad)  # same key as before: on the CPU still checked at once
-    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+    with pytest.raises(ValueError, match="pixel values in"):
         pur.purify(x + 2)
     assert torch.isnan(pur.purify(bad, validate=False)).any()  # skipped: the NaN goes through
 
@@ -176,11 +191,11 @@ def test_deferred_check_for_a_known_key(monkeypatch):
     x = torch.rand(2, 3, 16, 16)
     bad = x.clone()
     bad[1, 2, 3, 4] = 1.5
-    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+    with pytest.raises(ValueError, match="pixel values in"):
         pur.purify(bad)  # new key: synchronous
-    pur.purify(x)  # same key: no longer checked synchronously
-    pur.purify(x)
-    assert calls == [(2, 3, 16, 16)]
+    pur.purify(x)  # a key becomes known once an input of it passed the synchronous check
+    pur.purify(x)  # known key: no longer checked synchronously
+    assert calls == [(2, 3, 16, 16)] * 2
     pur.purify(bad)  # deferred: this call does not raise...
     with pytest.raises(ValueError, match="earlier input"):
         pur.purify(x)  # ...the next one does
@@ -189,7 +204,7 @@ def test_deferred_check_for_a_known_key(monkeypatch):
     with pytest.raises(ValueError, match="earlier input"):
         pur.check_pending()
     pur.purify(torch.rand(3, 3, 16, 16))  # a new shape is checked synchronously again
-    assert calls == [(2, 3, 16, 16), (3, 3, 16, 16)]
+    assert calls == [(2, 3, 16, 16)] * 2 + [(3, 3, 16, 16)]
 
 
 def test_mae_pure_uses_the_same_checks():
@@ -265,8 +280,8 @@ class FakeCuda:
         return ctx()
 
     def CUDAGraph(self):  # noqa: N802
-        self.graph = _FakeGraph(self)
-        return self.graph
+        self.made = _FakeGraph(self)
+        return self.made
 
     def graph(self, g):
         fake = self
@@ -292,6 +307,7 @@ def test_captured_step_with_a_stand_in_cuda(monkeypatch, precision):
     x = torch.rand(4, 1, 8, 8)
     eager = MAEPure(m, **kw).purify(x)
     pur = MAEPure(m, **kw)
+    grads_before = [p.requires_grad for p in m.parameters()]
     fake = FakeCuda()
     steps_in_capture = []
     real_step = pur.purification_step_
@@ -314,13 +330,13 @@ def test_captured_step_with_a_stand_in_cuda(monkeypatch, precision):
     y, _ = pur._purify_chunk_graph(x, gen, capture=True, amp_dtype=pur.compute_dtype(x.device))
     assert fake.log.count("side_stream_enter") == 1 and fake.log.index("capture_begin") > fake.log.index("side_stream_exit")
     assert steps_in_capture[:4] == [False, False, False, True]  # 3 warm-ups, then one captured step
-    assert fake.graph.replays == 5 and len(steps_in_capture) == 4 + 5
+    assert fake.made.replays == 5 and len(steps_in_capture) == 4 + 5
     assert len(pur._graphs) == 1
     sg = next(iter(pur._graphs.values()))
     assert sg.model.patch_embed.proj.weight.dtype == {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
     # the warm-ups moved the placeholder buffers, the real run starts from x: same result as eager
     torch.testing.assert_close(y, eager, atol=1e-6, rtol=0)
-    assert all(p.requires_grad for p in m.parameters())  # restored after the capture
+    assert [p.requires_grad for p in m.parameters()] == grads_before and any(grads_before)  # restored
 
 
 DATA_DEPENDENT = {"_local_scalar_dense", "item", "nonzero", "masked_select", "unique", "_unique2", "unique_consecutive",
@@ -346,3 +362,73 @@ def test_step_reads_no_device_value_and_has_static_shapes(precision):
     if precision == "bf16":
         n_weights = sum(1 for p in m.parameters() if p.dim() >= 2)
         assert c.ops.get("_to_copy", 0) < n_weights // 2, c.ops.get("_to_copy")
+
+
+# ------------------------------------------------------------------ GPU
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@contextlib.contextmanager
+def _no_sync():
+    torch.cuda.synchronize()
+    old = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(old)
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_cuda_steady_state_purify_with_validation_never_syncs(precision):
+    """validate=True (the default): the first call of a shape checks synchronously, later calls of
+    that shape check on the device and read the flag back without waiting."""
+    from maep_fast.models.presets import create_mae
+
+    torch.manual_seed(0)
+    pur = Purifier(create_mae("mae_vit_tiny_patch4").cuda().eval(), precision=precision)
+    x = torch.rand(8, 3, 32, 32, device="cuda")
+    pur.purify(x)
+    with _no_sync():
+        for _ in range(3):
+            pur.purify(x)
+    bad = x.clone()
+    bad[0, 0, 0, 0] = float("nan")
+    with _no_sync():
+        pur.purify(bad)  # deferred
+    with pytest.raises(ValueError, match="earlier input"):
+        pur.check_pending(wait=True)
+
+
+@pytest.mark.gpu
+@cuda
+def test_cuda_bf16_copy_matches_fp64_reference():
+    m = _model().cuda()
+    x = torch.rand(16, 3, 16, 16, device="cuda")
+    ref = Purifier(_model().double().cuda(), precision="fp32").purify(x.double())
+    fast = Purifier(m, precision="bf16").purify(x).double()
+    amp = Purifier(m, precision="bf16", cast_weights=False).purify(x).double()
+    err, err_amp = (fast - ref).abs().max().item(), (amp - ref).abs().max().item()
+    assert err <= 2 * err_amp + 1e-2, (err, err_amp)
+
+
+@pytest.mark.gpu
+@cuda
+def test_cuda_graph_bf16_replays_the_cast_copy_and_follows_weight_updates():
+    torch.manual_seed(0)
+    m = tiny_mae(img_size=16, in_chans=3).cuda().eval()
+    x = torch.rand(6, 3, 16, 16, device="cuda")
+    kw = dict(steps=4, step_size=2 / 255, eta=8 / 255, seed=0, precision="bf16")
+    pur = MAEPure(m, cuda_graph=True, **kw)
+    y = pur.purify(x)
+    bad = ((y - MAEPure(m, **kw).purify(x)).abs() > 1e-5).float().mean().item()
+    assert bad <= 5e-3
+    with torch.no_grad():
+        for p in m.parameters():
+            p.mul_(1.01)  # in place: the copy is re-cast in place, the captured graph stays valid
+    y2 = pur.purify(x)
+    assert len(pur._graphs) == 1
+    bad = ((y2 - MAEPure(m, **kw).purify(x)).abs() > 1e-5).float().mean().item()
+    assert bad <= 5e-3

@@ -9,6 +9,16 @@ from maep_fast.checkpoint import load_model
 from maep_fast.cli import main
 from maep_fast.models.vit_classifier import ViTClassifier
 
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models run fastest on one thread (and do not oversubscribe a shared machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 TINY = ["--subset", "64", "--batch-size", "32", "--embed-dim", "16", "--depth", "1", "--num-heads", "2",
         "--pretrain-epochs", "2", "--epochs", "2", "--steps", "1", "--no-progress", "--seed", "3"]
 
@@ -34,7 +44,8 @@ class _Stop(Exception):
 
 
 def test_mimir_cli_resume_ends_with_identical_weights(tmp_path, monkeypatch):
-    assert main(["mimir", "--out", str(tmp_path / "a"), *TINY]) == 0
+    ramp = ["--ramp-frac", "1"]  # the eps grows over all 4 finetuning steps: the resume lands inside the ramp
+    assert main(["mimir", "--out", str(tmp_path / "a"), *TINY, *ramp]) == 0
     full = _weights(tmp_path / "a")
 
     calls = {"n": 0}
@@ -42,18 +53,18 @@ def test_mimir_cli_resume_ends_with_identical_weights(tmp_path, monkeypatch):
 
     def stopping_step(self, *a, **k):
         calls["n"] += 1
-        if calls["n"] == 7:  # 2 pretraining epochs of 2 steps, then mid-way through finetuning epoch 2
+        if calls["n"] == 8:  # 2 pretraining epochs of 2 steps, finetuning epoch 1, then 1 step of epoch 2
             raise _Stop
         return real_step(self, *a, **k)
 
     monkeypatch.setattr(torch.optim.AdamW, "step", stopping_step)
-    args = ["mimir", "--out", str(tmp_path / "b"), *TINY, "--snapshot-every", "1"]
+    args = ["mimir", "--out", str(tmp_path / "b"), *TINY, *ramp, "--snapshot-every", "1"]
     with pytest.raises(_Stop):
         main(args)
     assert not (tmp_path / "b" / "vit").exists()
     monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
     snap = json.loads((tmp_path / "b" / "state_finetune" / "state.json").read_text())
-    assert (snap["epoch"], snap["batch"]) == (1, 1)  # the resumed run starts mid-epoch, inside the eps ramp
+    assert (snap["epoch"], snap["batch"], snap["step"]) == (1, 1, 3)  # resumes mid-epoch
     at_stop = load_file(str(tmp_path / "b" / "state_finetune" / snap["files"]["model"]))
     assert any(not torch.equal(at_stop[k], full[k]) for k in full)  # the comparison below can fail
     assert main(args + ["--resume"]) == 0
@@ -63,14 +74,20 @@ def test_mimir_cli_resume_ends_with_identical_weights(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("flags,named", [
-    (["--patch-size", "3"], "--patch-size"),
+    (["--patch-size", "3"], "--patch-size 3 must divide the image size 16"),
     (["--eps", "8/255", "--eps-start", "16/255"], "--eps-start"),
-    (["--trades-beta", "-1"], "--trades-beta"),
-    (["--ramp-frac", "1.5"], "--ramp-frac"),
-    (["--embed-dim", "10", "--num-heads", "4"], "--embed-dim"),
+    (["--embed-dim", "10", "--num-heads", "4"], "--embed-dim 10 must be a multiple of --num-heads 4"),
+    (["--trades-beta", "-1"], "argument --trades-beta: must be >= 0"),
+    (["--ramp-frac", "1.5"], "argument --ramp-frac"),
+    (["--pretrain", "simclr"], "argument --pretrain"),
+    (["--steps", "-1"], "argument --steps"),
 ])
 def test_mimir_cli_bad_flags_are_named(tmp_path, capsys, flags, named):
-    assert main(["mimir", "--out", str(tmp_path / "x"), *TINY, *flags]) == 2
+    try:
+        rc = main(["mimir", "--out", str(tmp_path / "x"), *TINY, *flags])
+    except SystemExit as exc:  # argparse rejects single-flag ranges itself
+        rc = exc.code
+    assert rc == 2
     err = capsys.readouterr().err
     assert named in err and "error" in err
     assert not (tmp_path / "x" / "vit").exists()
@@ -92,12 +109,11 @@ def test_demo_mimir_stage_rows_and_default_demo_leaves_it_out():
     from maep_fast.models.classifiers import SmallCNN
 
     assert DemoConfig().mimir is False and FULL["mimir"] is True and "maep-fast mimir" in MIMIR_COMMAND
-    cfg = DemoConfig(**{**QUICK, "mimir_n": 16, "eval_eps": (8 / 255, 16 / 255)}, progress=False)
+    cfg = DemoConfig(**{**QUICK, "mimir_n": 8, "mimir_train_n": 64, "eval_eps": (8 / 255, 16 / 255)}, progress=False)
     train, test = load_digits_dataset(16, "train"), load_digits_dataset(16, "test")
     section, text, vit = _mimir_rows(cfg, SmallCNN(in_chans=1, num_classes=10).eval(), train, test)
     rows = section["rows"]
-    assert [r["threat_model"] for r in rows] == ["none", "oblivious", "adaptive-full-gradient"] * 1 + [
-        "oblivious", "adaptive-full-gradient"]
-    assert all(r["n"] == 16 and r["defense"] == "MIMIR ViT" for r in rows)
+    assert [r["threat_model"] for r in rows] == ["none"] + ["oblivious", "adaptive-full-gradient"] * 2
+    assert all(r["n"] == 8 and r["defense"] == "MIMIR ViT" for r in rows)
     assert {r["eps"] for r in rows[1:]} == {8 / 255, 16 / 255}
     assert isinstance(vit, ViTClassifier) and "MIMIR pretrain 1 ep" in section["description"]

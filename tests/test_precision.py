@@ -1,7 +1,8 @@
-"""precision= on Purifier and MAEPure: the model runs under torch.autocast in the chosen dtype, the
-loss / statistics / PGD step stay fp32, outputs come back in the input dtype; "auto" follows the
-caller's autocast, else fp32 (AUTO_PRECISION). And the measurement behind the default: bf16 changes
-a small classifier's predictions on purified digits (clean and PGD-adversarial) on <= 1 % of images."""
+"""precision= on Purifier and MAEPure: the model runs in the chosen dtype (bf16/fp16: a copy of the
+model cast once, see tests/test_maep_inference.py), the loss / statistics / PGD step stay fp32,
+outputs come back in the input dtype; "auto" follows the caller's autocast, else fp32
+(AUTO_PRECISION). And a CPU stand-in for the measurement behind the CUDA default: bf16 changes a
+small classifier's predictions on purified digits (clean and PGD-adversarial) on <= 1 % of images."""
 from __future__ import annotations
 
 import pytest
@@ -162,7 +163,8 @@ def _train_small(clf_steps=300, mae_steps=120):
 
 
 def test_bf16_changes_few_predictions_of_a_trained_purifier():
-    """The CPU stand-in for issue 14's criterion (the demo's robust accuracies move <= 1 point):
+    """The CPU stand-in for the criterion of AUTO_PRECISION["cuda"] (the demo's robust accuracies move
+    <= 1 point under bf16; bench/precision_demo.py measures the real rows on a GPU):
     on the 360 test digits, clean and PGD-10 (eps 32/255, oblivious) adversarial, bf16 purification
     changes the classifier's prediction on <= 1 % of the images vs fp32 (MAEP; measured 0 % clean,
     0.28 % adversarial on the session's CPU: 1 image of 360) and on <= 2 % for MAE-Pure S = 6

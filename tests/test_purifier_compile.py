@@ -46,7 +46,7 @@ class Counting:
 @pytest.mark.parametrize("backend", ["auto", "torch", "cpp"])
 @pytest.mark.parametrize("amp", [torch.float32, torch.bfloat16])
 def test_no_graph_breaks(backend, amp):
-    """What compile=True traces (reconstruct at mask 0 under the precision's autocast, cast, clamp) is
+    """What compile=True traces (reconstruct at mask 0 in the compute model, cast, clamp) is
     one graph: SDPA (auto), the reference ops (torch) or the maep_fast::masked_patch_attention custom
     op through its fake kernel (cpp)."""
     if backend == "cpp" and not native_available():
@@ -56,8 +56,10 @@ def test_no_graph_breaks(backend, amp):
     pur = Purifier(m, fused=backend != "torch")
     pur.model.set_backend(backend)
     x = torch.rand(3, 3, 8, 8)
+    model = pur.compute_model(amp)  # resolved outside the compiled function, as purify does (bf16: the cast copy)
+    assert (model is m) == (amp == torch.float32)
     with torch.no_grad():
-        ex = dynamo.explain(lambda t: pur._single(t, amp))(x)
+        ex = dynamo.explain(lambda t: pur._single(t, amp, model))(x)
     assert ex.graph_break_count == 0, ex.break_reasons
     assert ex.graph_count == 1
     if backend == "cpp":
@@ -140,9 +142,9 @@ def test_cuda_graph_padding_bookkeeping_on_cpu(monkeypatch):
     seen = []
     real = pur._compiled_fn
 
-    def spy(xp, cdtype, mode):
+    def spy(xp, cdtype, mode, model):
         seen.append(xp.shape[0])
-        return real(xp, cdtype, "default")  # the CPU cannot record CUDA graphs
+        return real(xp, cdtype, "default", model)  # the CPU cannot record CUDA graphs
 
     monkeypatch.setattr(pur, "_compiled_fn", spy)
     monkeypatch.setattr(Purifier, "records_cuda_graphs", staticmethod(lambda mode, device: True))

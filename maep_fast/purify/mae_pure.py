@@ -200,7 +200,11 @@ class MAEPure(nn.Module):
     def compute_model(self, amp_dtype: torch.dtype) -> MaskedAutoencoderViT:
         """The MAE that runs for compute dtype ``amp_dtype``: a cached copy cast once to bf16/fp16
         (``cast_weights``; kept in step with the MAE's weights), else the MAE itself."""
-        return self._casts.get(amp_dtype) if self.cast_weights else self.model
+        if not self.cast_weights:
+            return self.model
+        if self._casts.model is not self.model:  # the model was replaced
+            self._casts = CastModelCache(self.model)
+        return self._casts.get(amp_dtype)
 
     def refresh_weights(self) -> None:
         """Re-cast the low-precision copy from the MAE's weights on the next call (only needed after

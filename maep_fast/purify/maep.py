@@ -158,12 +158,17 @@ def _next_pow2(n: int) -> int:
     return 1 << (n - 1).bit_length()
 
 
-def _float_dtype(model: nn.Module) -> torch.dtype:
-    """The dtype of the model's first floating parameter (MAE: the patch embedding's weight)."""
+def _first_weight(model: nn.Module) -> torch.Tensor:
+    """The model's first floating parameter (MAE: the patch embedding's weight)."""
     pe = getattr(model, "patch_embed", None)
     if pe is not None:
-        return pe.proj.weight.dtype
-    return next(p.dtype for p in model.parameters() if p.is_floating_point())
+        return pe.proj.weight
+    return next(p for p in model.parameters() if p.is_floating_point())
+
+
+def _float_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of the model's first floating parameter."""
+    return _first_weight(model).dtype
 
 
 class CastModelCache:
@@ -183,7 +188,8 @@ class CastModelCache:
     def __init__(self, model: nn.Module):
         self.model = model
         self._attns = [b.attn for b in list(getattr(model, "blocks", ())) + list(getattr(model, "decoder_blocks", ()))]
-        self._copies: dict = {}  # (dtype, settings) -> [copy, source tensors, dest tensors, signature]
+        # (dtype, settings) -> [copy, source tensors, dest tensors, signature, first weight, its device]
+        self._copies: dict = {}
         self._stale = False
 
     @staticmethod
@@ -219,7 +225,8 @@ class CastModelCache:
             for a, la in saved:
                 a.last_attn = la
         cp.requires_grad_(False)
-        return [cp, src, self._tensors(cp), self._signature(src)]
+        w = _first_weight(m)
+        return [cp, src, self._tensors(cp), self._signature(src), w, w.device]
 
     def _refresh(self, entry: list, src: list[torch.Tensor], sig: list) -> None:
         with torch.no_grad():
@@ -243,6 +250,9 @@ class CastModelCache:
                     entry[3] = self._signature(src)
         key = (dtype, self._settings())  # one copy per setting (MAE-Pure's exact_graph toggles fused attention)
         entry = self._copies.get(key)
+        w = _first_weight(m)
+        if entry is not None and (entry[4] is not w or w.device != entry[5]):
+            entry = None  # the model moved (``.to`` replaced or re-placed its parameters): cast it again
         if entry is None:
             entry = self._copies[key] = self._build(dtype, self._tensors(m))
         else:
@@ -377,7 +387,11 @@ class Purifier(nn.Module):
     def compute_model(self, cdtype: torch.dtype) -> MaskedAutoencoderViT:
         """The module that runs for compute dtype ``cdtype``: the cached cast copy for bf16/fp16
         (``cast_weights``), else the model itself."""
-        return self._casts.get(cdtype) if self.cast_weights else self.model
+        if not self.cast_weights:
+            return self.model
+        if self._casts.model is not self.model:  # the model was replaced
+            self._casts = CastModelCache(self.model)
+        return self._casts.get(cdtype)
 
     def refresh_weights(self) -> None:
         """Re-cast the cached low-precision copy from the model's weights on the next call (needed

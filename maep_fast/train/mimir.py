@@ -18,8 +18,15 @@ depth 2 (``create_mae("mae_vit_small_patch2", norm_pix_loss=True)``).
 
 Finetuning: ``ViTClassifier.from_mae(model)`` and ``adversarial_finetune``:
 PGD-AT (Madry) with PGD-10, eps 8/255, alpha 2/255 (published), or TRADES
-with ``trades_beta`` (6.0 is TRADES' usual value; MIMIR's code supports it).
-Both run on ``maep_fast.train.loop.fit``.
+with ``trades_beta`` (6.0 is TRADES' usual value; MIMIR's code supports it),
+optionally with the eps ramped up from ``eps_start`` over the first
+``ramp_frac`` of the steps. Both run on ``maep_fast.train.loop.fit``.
+
+The whole pipeline (pretraining, ViT from the encoder, finetuning; resumable,
+seeded) is ``train_mimir_vit(dataset, MIMIRRecipe(...))``; ``MIMIRRecipe``'s
+defaults are the recipe measured on the embedded 16x16 digits and the defaults
+of ``maep-fast mimir`` (docs/mimir.md). ``pretrain="mae"`` / ``"none"`` give the
+comparison runs (plain MAE pretraining; adversarial training from scratch).
 """
 from __future__ import annotations
 
@@ -193,8 +200,9 @@ class MIMIRRecipe:
     """Everything ``train_mimir_vit`` needs: the ViT, the pretraining and the adversarial finetuning.
 
     The defaults are the recipe measured on the embedded 16x16 digits (docs/mimir.md): patch 4
-    (16 tokens), a 96-d 4-block encoder, 30 MIMIR epochs, then 20 TRADES epochs with PGD-3 at
-    8/255 whose eps ramps up from 0 over the first 30 % of the finetuning steps.
+    (16 tokens), a 96-d 4-block encoder (4 heads), 20 MIMIR epochs (published PGD_MAE and HSIC
+    settings), then 15 TRADES (beta 6) epochs with PGD-3 at 8/255 whose eps ramps up from 0 over the
+    first 30 % of the finetuning steps; batch 64, AdamW, warmup + cosine.
     ``pretrain``: "mimir" (MIMIR), "mae" (plain MAE pretraining, same epochs) or "none" (no
     pretraining: the finetuning starts from the MAE's initialisation)."""
     pretrain: str = "mimir"
