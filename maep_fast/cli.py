@@ -342,7 +342,7 @@ def cmd_mimir(args) -> int:
         save_model(mae, out / "mae", meta={"data": args.data, "image_size": h, "trained": f"{args.pretrain} pretraining "
                                            f"{args.pretrain_epochs} epochs", "history": info["pretrain_history"]})
     print(f"{recipe.describe()}\ntrain accuracy {100 * acc:.2f}%; saved the ViT classifier to {out / 'vit'}"
-          f" (evaluate: maep-fast eval --classifier {out / 'vit'} --attack ta-pgd --eps 8/255)")
+          f" (evaluate: maep-fast eval --classifier {out / 'vit'} --attack ta-pgd --eps 16/255)")
     return 0
 
 
@@ -580,7 +580,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--embed-dim", type=_POSITIVE_INT, default=96)
     p.add_argument("--depth", type=_POSITIVE_INT, default=4)
     p.add_argument("--num-heads", type=_POSITIVE_INT, default=4)
-    p.add_argument("--eps", type=_NONNEG, default=8 / 255, help="finetuning eps (L-inf)")
+    p.add_argument("--eps", type=_NONNEG, default=16 / 255, help="finetuning eps (L-inf; the ramp's end)")
     p.add_argument("--eps-start", type=lambda t: None if t.lower() == "none" else _NONNEG(t), default=0.0,
                    help="ramp the finetuning eps from this value up to --eps ('none': no ramp)")
     p.add_argument("--ramp-frac", type=_number_in(0, 1), default=0.3,

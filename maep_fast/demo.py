@@ -113,7 +113,7 @@ class DemoConfig:
     mimir_patch_size: int = 4  # 16 tokens (patch 2: 64 tokens, 4x the cost per step)
     mimir_pretrain_epochs: int = 20
     mimir_finetune_epochs: int = 15
-    mimir_train_eps: float = 8 / 255  # finetuning eps, ramped up from 0 over the first 30 % of the steps
+    mimir_train_eps: float = 16 / 255  # finetuning eps, ramped up from 0 over the first 30 % of the steps
     mimir_steps: int = 3
     mimir_trades_beta: float | None = 6.0
     mimir_n: int = 360
