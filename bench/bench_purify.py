@@ -411,6 +411,16 @@ def bench_diffpure(B: Bench, unet, dtype, batches, fl_call, timed_steps: int | N
             B.run({**common, "variant": variant}, b, make, fl_call * calls, scale=scale, warm=warm, extra=extra)
 
 
+def _maep_train_step(model, opt, x_adv, x, dev, dtype) -> None:
+    """One MAEP stage-1 optimizer step as the trainer runs it: maep_loss at mask 0.5 under autocast,
+    backward, AdamW."""
+    opt.zero_grad(set_to_none=True)
+    with amp(dev, dtype):
+        loss, _ = maep_loss(model, x_adv, x, 0.5, 1.0, 1.0)
+    loss.backward()
+    opt.step()
+
+
 def bench_train(B: Bench, preset: str, base_model, dtype, batches, fl):
     dev, dname = B.device, str(dtype).split(".")[-1]
     common = {"purifier": "MAEP-train", "preset": preset, "dtype": dname}
@@ -424,11 +434,7 @@ def bench_train(B: Bench, preset: str, base_model, dtype, batches, fl):
             def make(model=model, opt=opt, env=env, x=x, x_adv=x_adv):
                 def f():
                     with backend_env(env):
-                        opt.zero_grad(set_to_none=True)
-                        with amp(dev, dtype):
-                            loss, _ = maep_loss(model, x_adv, x, 0.5, 1.0, 1.0)
-                        loss.backward()
-                        opt.step()
+                        _maep_train_step(model, opt, x_adv, x, dev, dtype)
                 return f
             B.run({**common, "variant": variant}, b, make, fl["maep_train_step"])
         del model, opt
@@ -458,12 +464,7 @@ def bench_train_pgd(B: Bench, preset: str, base_model, dtype, batches, fl, pgd_s
 
         def make(x=x, y=y):
             def f():
-                x_adv = make_adversarial(clf, x, y, attack)
-                opt.zero_grad(set_to_none=True)
-                with amp(dev, dtype):
-                    loss, _ = maep_loss(model, x_adv, x, 0.5, 1.0, 1.0)
-                loss.backward()
-                opt.step()
+                _maep_train_step(model, opt, make_adversarial(clf, x, y, attack), x, dev, dtype)
             return f
         B.run({**common, "variant": f"fused+pgd{pgd_steps}"}, b, make, fl["maep_train_step"] + pgd_steps * clf_fb,
               extra={"pgd_steps": pgd_steps, "pair_generation": "PGD vs a frozen SmallCNN classifier, fp32"})

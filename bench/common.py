@@ -377,3 +377,20 @@ def backend_env(value: str | None):
             os.environ.pop("MAEP_FAST_BACKEND", None)
         else:
             os.environ["MAEP_FAST_BACKEND"] = old
+
+
+def digits_setup(classifier: str, threads: int):
+    """For the recipe sweeps: ``threads`` torch threads, the classifier checkpoint loaded frozen
+    (eval mode, no gradients), the 16x16 digits train and test splits, seed 0.
+    Returns (classifier, train, test)."""
+    from maep_fast import load_model
+    from maep_fast.data import load_digits_dataset
+    from maep_fast.train.common import set_seed
+
+    torch.set_num_threads(threads)
+    clf = load_model(classifier, expect_kind="classifier").eval()
+    for p in clf.parameters():
+        p.requires_grad_(False)
+    train, test = load_digits_dataset(16, "train"), load_digits_dataset(16, "test")
+    set_seed(0)
+    return clf, train, test

@@ -15,14 +15,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-from maep_fast import Purifier, load_model, pgd_attack
-from maep_fast.data import load_digits_dataset
-from maep_fast.models.presets import create_mae
-from maep_fast.train.common import set_seed
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import digits_setup  # noqa: E402
+from maep_fast import Purifier, pgd_attack  # noqa: E402
+from maep_fast.models.presets import create_mae  # noqa: E402
 from maep_fast.train.loop import LoopConfig
 from maep_fast.train.maep import AttackConfig, MAEPConfig, train_maep
 
@@ -42,12 +44,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default="bench/results/maep_recipes_cpu.jsonl")
     a = ap.parse_args()
-    torch.set_num_threads(a.threads)
-    clf = load_model(a.classifier, expect_kind="classifier").eval()
-    for p in clf.parameters():
-        p.requires_grad_(False)
-    train, test = load_digits_dataset(16, "train"), load_digits_dataset(16, "test")
-    set_seed(0)
+    clf, train, test = digits_setup(a.classifier, a.threads)
     model = create_mae("demo", img_size=16)
     teps = a.train_eps / 255
     cfg = MAEPConfig(

@@ -1,3 +1,4 @@
+import contextlib
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -45,6 +46,38 @@ def tiny_mae(**kw):
                decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2)
     cfg.update(kw)
     return MaskedAutoencoderViT(**cfg)
+
+
+def frozen_cnn(seed=0, num_classes=3):
+    """A SmallCNN [N, 1, H, W] -> [N, num_classes] with random weights, in eval mode, gradients off."""
+    from maep_fast.models import SmallCNN
+
+    torch.manual_seed(seed)
+    clf = SmallCNN(in_chans=1, num_classes=num_classes).eval()
+    for p in clf.parameters():
+        p.requires_grad_(False)
+    return clf
+
+
+@contextlib.contextmanager
+def no_sync():
+    """Raise on any call that synchronizes the host with the current CUDA device."""
+    torch.cuda.synchronize()
+    old = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(old)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models run fastest on one thread (and do not oversubscribe a shared machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def linear_model(c=1, size=8, k=3, seed=0):

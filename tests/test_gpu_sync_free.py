@@ -5,27 +5,15 @@ The pixel checks at the API edge synchronize once by design; they run before the
 (``validate=False`` inside it). Skips without a CUDA device."""
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
 
+from conftest import no_sync
 from maep_fast.ops import masked_patch_attention, patch_recon_loss, pgd_step, pgd_step_
 from maep_fast.ops._dispatch import unavailable_reason
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 DEV = torch.device("cuda")
-
-
-@contextlib.contextmanager
-def no_sync():
-    torch.cuda.synchronize()
-    old = torch.cuda.get_sync_debug_mode()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        yield
-    finally:
-        torch.cuda.set_sync_debug_mode(old)
 
 
 def _backends(op):

@@ -6,21 +6,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import tiny_mae
+from conftest import frozen_cnn, tiny_mae
 from maep_fast.attacks.pgd import pgd_attack
 from maep_fast.cli import main
-from maep_fast.models import SmallCNN
 from maep_fast.train import AttackConfig, LoopConfig, MAEPConfig, train_maep
 from maep_fast.train.maep import _run_config, defended_model, make_adversarial
 from test_train import toy_data
-
-
-def _frozen_cnn(seed=0):
-    torch.manual_seed(seed)
-    clf = SmallCNN(in_chans=1, num_classes=3).eval()
-    for p in clf.parameters():
-        p.requires_grad_(False)
-    return clf
 
 
 def _xy(n=6, seed=3):
@@ -33,7 +24,7 @@ def _defended_attack(**kw):
 
 
 def test_defended_pairs_are_pgd_on_classifier_of_purifier():
-    model, clf = tiny_mae().eval(), _frozen_cnn()
+    model, clf = tiny_mae().eval(), frozen_cnn()
     x, y = _xy()
     attack = _defended_attack()
     torch.manual_seed(11)
@@ -46,7 +37,7 @@ def test_defended_pairs_are_pgd_on_classifier_of_purifier():
 
 
 def test_defended_pairs_follow_the_purifier_weights_classifier_pairs_do_not():
-    clf = _frozen_cnn()
+    clf = frozen_cnn()
     x, y = _xy()
     a, b = tiny_mae().eval(), tiny_mae().eval()
     with torch.no_grad():
@@ -64,7 +55,7 @@ def test_defended_pairs_follow_the_purifier_weights_classifier_pairs_do_not():
 
 def test_defended_pairs_raise_the_defended_loss_more_than_classifier_pairs():
     """The point of the option: against the pipeline, its own PGD is the stronger attack."""
-    model, clf = tiny_mae().eval(), _frozen_cnn()
+    model, clf = tiny_mae().eval(), frozen_cnn()
     x, y = _xy(n=32)
     f = defended_model(model, clf, AttackConfig())
     losses = {}
@@ -78,7 +69,7 @@ def test_defended_pairs_raise_the_defended_loss_more_than_classifier_pairs():
 
 
 def test_classifier_frac_one_gives_classifier_pairs():
-    model, clf = tiny_mae().eval(), _frozen_cnn()
+    model, clf = tiny_mae().eval(), frozen_cnn()
     x, y = _xy()
     torch.manual_seed(4)
     mixed = make_adversarial(clf, x, y, _defended_attack(classifier_frac=1.0), purifier=model)
@@ -89,7 +80,7 @@ def test_classifier_frac_one_gives_classifier_pairs():
 
 
 def test_randomized_purifier_in_the_attack_averages_masked_reconstructions():
-    model, clf = tiny_mae().eval(), _frozen_cnn()
+    model, clf = tiny_mae().eval(), frozen_cnn()
     x, _ = _xy()
     attack = _defended_attack(purifier_mask_ratio=0.25, purifier_masks=3)
     f = defended_model(model, clf, attack)
@@ -104,7 +95,7 @@ def test_randomized_purifier_in_the_attack_averages_masked_reconstructions():
 
 def test_training_through_the_purifier_runs_and_lowers_the_defended_loss():
     torch.manual_seed(0)
-    model, clf = tiny_mae(), _frozen_cnn()
+    model, clf = tiny_mae(), frozen_cnn()
     ds = toy_data(n=32, size=8)
     cfg = MAEPConfig(w_cls=1.0, attack=AttackConfig(eps=16 / 255, step_size=8 / 255, steps=2, target="defended"),
                      stage1=LoopConfig(epochs=3, batch_size=16, lr=3e-3, warmup_epochs=0, progress=False),

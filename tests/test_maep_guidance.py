@@ -3,20 +3,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import tiny_mae
+from conftest import frozen_cnn, tiny_mae
 from maep_fast.cli import main
-from maep_fast.models import SmallCNN
 from maep_fast.train import AdversarialPairs, AttackConfig, LoopConfig, MAEPConfig, maep_loss, train_maep
 from maep_fast.train.maep import _run_config, _with_clean_inputs
 from test_train import loop, toy_data
-
-
-def _frozen_cnn(seed=0):
-    torch.manual_seed(seed)
-    clf = SmallCNN(in_chans=1, num_classes=3).eval()
-    for p in clf.parameters():
-        p.requires_grad_(False)
-    return clf
 
 
 def _batch(n=6, seed=3):
@@ -27,7 +18,7 @@ def _batch(n=6, seed=3):
 
 @pytest.mark.parametrize("mask_ratio", [0.0, 0.5])
 def test_guidance_term_is_the_kl_of_the_classifier_outputs(mask_ratio):
-    model, clf = tiny_mae(), _frozen_cnn()
+    model, clf = tiny_mae(), frozen_cnn()
     x_adv, x = _batch()
     torch.manual_seed(7)
     plain, plain_parts = maep_loss(model, x_adv, x, mask_ratio, 1.0, 0.5)
@@ -45,7 +36,7 @@ def test_guidance_term_is_the_kl_of_the_classifier_outputs(mask_ratio):
 
 
 def test_guidance_gradient_reaches_the_purifier_not_the_classifier():
-    model, clf = tiny_mae(), _frozen_cnn()
+    model, clf = tiny_mae(), frozen_cnn()
     x_adv, x = _batch()
     loss, _ = maep_loss(model, x_adv, x, 0.0, 0.0, 0.0, clf, 1.0)  # the guidance term alone
     loss.backward()
@@ -56,7 +47,7 @@ def test_guidance_gradient_reaches_the_purifier_not_the_classifier():
 
 def test_guidance_lowers_the_kl_in_training():
     torch.manual_seed(0)
-    data, clf = toy_data(), _frozen_cnn()
+    data, clf = toy_data(), frozen_cnn()
     pairs = AdversarialPairs(data.images, (data.images + 0.15 * torch.randn_like(data.images)).clamp(0, 1), data.labels)
     model = tiny_mae()
 
@@ -146,8 +137,11 @@ def test_cli_train_with_guidance(tmp_path, capsys):
     assert run["w_cls"] == 1.0 and run["clean_frac"] == 0.2
     capsys.readouterr()
     bad = [a if a != "1" or args[i - 1] != "--w-cls" else "-1" for i, a in enumerate(args)]
-    assert main([*bad[:-1], str(tmp_path / "bad")]) != 0
-    assert "w_cls" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main([*bad[:-1], str(tmp_path / "bad")])
+    assert exit_info.value.code == 2
+    assert "--w-cls" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
 
 
 def test_eps_range_draws_each_batch_inside_it_and_scales_the_step():
@@ -176,7 +170,7 @@ def test_eps_range_bounds_the_training_pairs(monkeypatch):
     cfg = MAEPConfig(attack=AttackConfig(eps=0.2, step_size=0.05, steps=2, eps_min=0.02),
                      stage1=loop(3), stage2=loop(0))
     torch.manual_seed(0)
-    train_maep(tiny_mae(), data, cfg, _frozen_cnn())
+    train_maep(tiny_mae(), data, cfg, frozen_cnn())
     assert max(seen) <= 0.2 + 1e-6
     assert min(seen) < 0.15 and max(seen) > 0.05 and len(set(round(v, 4) for v in seen)) > 3
 

@@ -19,7 +19,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from conftest import tiny_mae
+from conftest import no_sync, tiny_mae
 from maep_fast.purify import maep as maep_mod
 from maep_fast.purify.mae_pure import MAEPure, _StepGraph
 from maep_fast.purify.maep import CastModelCache, PixelGuard, Purifier
@@ -368,17 +368,6 @@ def test_step_reads_no_device_value_and_has_static_shapes(precision):
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
-@contextlib.contextmanager
-def _no_sync():
-    torch.cuda.synchronize()
-    old = torch.cuda.get_sync_debug_mode()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        yield
-    finally:
-        torch.cuda.set_sync_debug_mode(old)
-
-
 @pytest.mark.gpu
 @cuda
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
@@ -391,12 +380,12 @@ def test_cuda_steady_state_purify_with_validation_never_syncs(precision):
     pur = Purifier(create_mae("mae_vit_tiny_patch4").cuda().eval(), precision=precision)
     x = torch.rand(8, 3, 32, 32, device="cuda")
     pur.purify(x)
-    with _no_sync():
+    with no_sync():
         for _ in range(3):
             pur.purify(x)
     bad = x.clone()
     bad[0, 0, 0, 0] = float("nan")
-    with _no_sync():
+    with no_sync():
         pur.purify(bad)  # deferred
     with pytest.raises(ValueError, match="earlier input"):
         pur.check_pending(wait=True)

@@ -14,13 +14,7 @@ from maep_fast.train.loop import LoopConfig
 from maep_fast.train.mimir import MIMIRConfig, _mae_loss, adversarial_finetune, mimir_loss, pgd_mae, train_mimir
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread (and do not oversubscribe a shared machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def hsic_direct(x, y, sigma=5.0, eps=1e-5):

@@ -10,13 +10,7 @@ from maep_fast.cli import main
 from maep_fast.models.vit_classifier import ViTClassifier
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread (and do not oversubscribe a shared machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 TINY = ["--subset", "64", "--batch-size", "32", "--embed-dim", "16", "--depth", "1", "--num-heads", "2",

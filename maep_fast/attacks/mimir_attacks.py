@@ -82,6 +82,20 @@ def feature_distance(model: nn.Module, x: torch.Tensor, x_adv: torch.Tensor,
     return (f(x_adv) - f(x)).flatten(1).pow(2).sum(1)
 
 
+def _ascend(xc: torch.Tensor, objective: Callable[[torch.Tensor], torch.Tensor], *, eps: float, step_size: float,
+            steps: int, norm: str, random_init: bool, generator: torch.Generator | None) -> torch.Tensor:
+    """``steps`` PGD ascent steps on the scalar ``objective(x_adv)`` from ``xc`` [n, C, H, W], projected
+    to the ``norm`` ball of radius ``eps`` around ``xc`` and to [0, 1]."""
+    x_adv = random_start(xc, eps, norm, generator) if random_init else xc.clone()
+    for _ in range(steps):
+        xg = x_adv.detach().requires_grad_(True)
+        with torch.enable_grad():
+            grad = torch.autograd.grad(objective(xg), xg)[0]
+        x_adv = xg.detach()
+        pgd_step_(x_adv, grad, xc, step_size, eps, norm=norm, direction=1, clamp=(0.0, 1.0))
+    return x_adv
+
+
 def pgd_feature(model: nn.Module, x: torch.Tensor, *, eps: float, step_size: float, steps: int = 20,
                 norm: str = "linf", features: Callable | None = None, random_init: bool = True,
                 generator: torch.Generator | None = None, batch_size: int | None = None) -> torch.Tensor:
@@ -96,15 +110,9 @@ def pgd_feature(model: nn.Module, x: torch.Tensor, *, eps: float, step_size: flo
         xc = x0[a:b]
         with torch.no_grad():
             target = f(xc).detach()
-        x_adv = random_start(xc, eps, norm, generator) if random_init else xc.clone()
-        for _ in range(steps):
-            xg = x_adv.detach().requires_grad_(True)
-            with torch.enable_grad():
-                loss = (f(xg) - target).flatten(1).pow(2).sum()
-                grad = torch.autograd.grad(loss, xg)[0]
-            x_adv = xg.detach()
-            pgd_step_(x_adv, grad, xc, step_size, eps, norm=norm, direction=1, clamp=(0.0, 1.0))
-        out.append(x_adv)
+        out.append(_ascend(xc, lambda xg, target=target: (f(xg) - target).flatten(1).pow(2).sum(),
+                           eps=eps, step_size=step_size, steps=steps, norm=norm, random_init=random_init,
+                           generator=generator))
     return torch.cat(out)
 
 
@@ -130,20 +138,16 @@ def pgd_mi(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, st
     x0 = x.detach()
     if eps == 0 or steps == 0:
         return x0.clone()
+    def objective(xg, yc):
+        loss = F.cross_entropy(model(xg), yc, reduction="sum")
+        if mi_weight and xg.shape[0] > 1:
+            h = hsic_normalized_cca(f(xg).flatten(1).float(), xg.flatten(1).float(), sigma=sigma)
+            if bool(torch.isfinite(h)):
+                loss = loss + mi_sign * mi_weight * h
+        return loss
+
     out = []
     for a, b in _chunks(x0.shape[0], batch_size):
-        xc, yc = x0[a:b], y[a:b]
-        x_adv = random_start(xc, eps, norm, generator) if random_init else xc.clone()
-        for _ in range(steps):
-            xg = x_adv.detach().requires_grad_(True)
-            with torch.enable_grad():
-                loss = F.cross_entropy(model(xg), yc, reduction="sum")
-                if mi_weight and xg.shape[0] > 1:
-                    h = hsic_normalized_cca(f(xg).flatten(1).float(), xg.flatten(1).float(), sigma=sigma)
-                    if bool(torch.isfinite(h)):
-                        loss = loss + mi_sign * mi_weight * h
-                grad = torch.autograd.grad(loss, xg)[0]
-            x_adv = xg.detach()
-            pgd_step_(x_adv, grad, xc, step_size, eps, norm=norm, direction=1, clamp=(0.0, 1.0))
-        out.append(x_adv)
+        out.append(_ascend(x0[a:b], lambda xg, yc=y[a:b]: objective(xg, yc), eps=eps, step_size=step_size,
+                           steps=steps, norm=norm, random_init=random_init, generator=generator))
     return torch.cat(out)

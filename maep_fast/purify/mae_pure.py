@@ -1,7 +1,7 @@
 """MAE-Pure: test-time purification by descending the MAE reconstruction loss.
 
 Algorithm 1 of "Semantic-Preserving Adversarial Purification" (NeurIPS 2025
-submission; see docs/anchors): for s = 1..S
+submission; see docs/methods.md): for s = 1..S
 
     g = sign(grad_x L_rec(x_s))
     x_{s+1} = clip(x_s - lambda * g)   to the eta-ball around the input and to [0, 1]
@@ -101,11 +101,11 @@ from maep_fast.models.mae import MaskedAutoencoderViT
 from maep_fast.ops.patch_recon_loss import patch_recon_loss
 from maep_fast.ops._dispatch import resolve_backend
 from maep_fast.ops.pgd_step import _pgd_step_inplace_validated, pgd_step, pgd_step_
-from maep_fast.purify.maep import (DEFAULT_PRECISION, CastModelCache, PixelGuard, _float_dtype, check_precision,
-                                   compute_context, fp32_region, resolve_precision)
+from maep_fast.purify.maep import (DEFAULT_PRECISION, CastModelCache, CastWeights, PixelGuard, _float_dtype,
+                                   check_precision, compute_context, fp32_region)
 
 
-class MAEPure(nn.Module):
+class MAEPure(CastWeights, nn.Module):
     """x [N, C, H, W] in [0, 1] -> purified x, ||x' - x||_inf <= eta, x' in [0, 1].
 
     ``cuda_graph`` (default False): for CUDA inputs, ``purify`` captures one
@@ -192,24 +192,6 @@ class MAEPure(nn.Module):
         if self.seed is None:
             return None
         return torch.Generator(device=device).manual_seed(int(self.seed))
-
-    def compute_dtype(self, device: torch.device) -> torch.dtype:
-        """The dtype the MAE's forward runs in for an input on ``device`` now (see ``precision``)."""
-        return resolve_precision(self.precision, device)
-
-    def compute_model(self, amp_dtype: torch.dtype) -> MaskedAutoencoderViT:
-        """The MAE that runs for compute dtype ``amp_dtype``: a cached copy cast once to bf16/fp16
-        (``cast_weights``; kept in step with the MAE's weights), else the MAE itself."""
-        if not self.cast_weights:
-            return self.model
-        if self._casts.model is not self.model:  # the model was replaced
-            self._casts = CastModelCache(self.model)
-        return self._casts.get(amp_dtype)
-
-    def refresh_weights(self) -> None:
-        """Re-cast the low-precision copy from the MAE's weights on the next call (only needed after
-        writes that bypass the version counter, e.g. ``param.data.copy_``)."""
-        self._casts.invalidate()
 
     def check_pending(self, wait: bool = True) -> None:
         """Raise ``ValueError`` if a deferred pixel check of an earlier CUDA input failed."""

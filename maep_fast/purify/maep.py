@@ -274,6 +274,30 @@ class CastModelCache:
         self._copies.clear()
 
 
+class CastWeights:
+    """What a purifier needs to run its MAE ``self.model`` in a low-precision compute dtype from a
+    copy cast once (``CastModelCache``). The purifier sets ``model``, ``precision``, ``cast_weights``
+    (bool) and ``_casts = CastModelCache(model)`` in its ``__init__``."""
+
+    def compute_dtype(self, device: torch.device) -> torch.dtype:
+        """The dtype the MAE runs in for an input on ``device`` now (see ``precision``)."""
+        return resolve_precision(self.precision, device)
+
+    def compute_model(self, cdtype: torch.dtype) -> MaskedAutoencoderViT:
+        """The MAE that runs for compute dtype ``cdtype``: the cached cast copy for bf16/fp16
+        (``cast_weights``; kept in step with the MAE's weights), else the MAE itself."""
+        if not self.cast_weights:
+            return self.model
+        if self._casts.model is not self.model:  # the model was replaced
+            self._casts = CastModelCache(self.model)
+        return self._casts.get(cdtype)
+
+    def refresh_weights(self) -> None:
+        """Re-cast the cached low-precision copy from the MAE's weights on the next call (needed
+        only after writes that bypass the version counter, e.g. ``param.data.copy_``)."""
+        self._casts.invalidate()
+
+
 class PixelGuard:
     """Value checks of purifier inputs (finite, in [0, 1]) without a host sync in the steady state.
 
@@ -329,7 +353,7 @@ class PixelGuard:
         self._pending = []
 
 
-class Purifier(nn.Module):
+class Purifier(CastWeights, nn.Module):
     """x [N, C, H, W] in [0, 1] -> purified [N, C, H, W] in [0, 1] (H, W >= img_size).
 
     ``precision``: "auto" (default) | "fp32" | "bf16" | "fp16" (module docstring; "auto" is fp32
@@ -377,26 +401,8 @@ class Purifier(nn.Module):
     def img_size(self) -> int:
         return self.model.img_size
 
-    def compute_dtype(self, device: torch.device) -> torch.dtype:
-        """The dtype the model runs in for an input on ``device`` now (see ``precision``)."""
-        return resolve_precision(self.precision, device)
-
     def _model_dtype(self) -> torch.dtype:
         return self.model.patch_embed.proj.weight.dtype
-
-    def compute_model(self, cdtype: torch.dtype) -> MaskedAutoencoderViT:
-        """The module that runs for compute dtype ``cdtype``: the cached cast copy for bf16/fp16
-        (``cast_weights``), else the model itself."""
-        if not self.cast_weights:
-            return self.model
-        if self._casts.model is not self.model:  # the model was replaced
-            self._casts = CastModelCache(self.model)
-        return self._casts.get(cdtype)
-
-    def refresh_weights(self) -> None:
-        """Re-cast the cached low-precision copy from the model's weights on the next call (needed
-        only after writes that bypass the version counter, e.g. ``param.data.copy_``)."""
-        self._casts.invalidate()
 
     def check_pending(self, wait: bool = True) -> None:
         """Raise ``ValueError`` if a deferred (asynchronous) pixel check of an earlier CUDA input
