@@ -1,6 +1,9 @@
 // Shared argument checks of maep_fast::masked_patch_attention_fwd / _bwd
 // (CPU kernels in masked_patch_attention_cpu.cpp, CUDA glue in
 // masked_patch_attention_cuda.cpp).
+//
+// The op's contract is stated once, in the module docstring of
+// maep_fast/ops/masked_patch_attention.py; check_mpa_args is the native side's own guard of it.
 #pragma once
 
 #include <ATen/core/Tensor.h>

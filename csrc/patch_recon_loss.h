@@ -1,5 +1,10 @@
 // Shared argument checks of maep_fast::patch_recon_loss / patch_recon_loss_backward
 // (CPU kernel in patch_recon_loss_cpu.cpp, CUDA glue in patch_recon_loss_cuda.cpp).
+//
+// The op's contract (argument rules, loss shape, dtypes) is stated once, in the module
+// docstring of maep_fast/ops/patch_recon_loss.py. These checks are the native side's own
+// guard of it (a direct torch.ops call reaches no Python); the Python entry point relies on
+// them for eager CPU calls and, when they refuse one, raises its own named error instead.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -27,7 +32,7 @@ inline PrlReduction parse_prl_reduction(const char* op, std::string_view reducti
   TORCH_CHECK(false, op, ": reduction must be 'mean', 'sum', 'per_sample' or 'none', got '", reduction, "'");
 }
 
-// Shape of the loss for a reduction: [] (mean, sum), [N] (per_sample), [N, L] (none).
+// Shape of the loss for a reduction (the contract's; _out_shape on the Python side).
 inline std::vector<int64_t> prl_out_shape(const PrlGeometry& g) {
   switch (g.reduction) {
     case PrlReduction::kPerSample:
@@ -39,7 +44,7 @@ inline std::vector<int64_t> prl_out_shape(const PrlGeometry& g) {
   }
 }
 
-// Validates every argument; returns the geometry.
+// Checks every argument against the contract; returns the geometry.
 inline PrlGeometry check_patch_recon_loss_args(const char* op, c10::DeviceType device_type, const at::Tensor& pred,
                                                const at::Tensor& imgs, const c10::optional<at::Tensor>& mask,
                                                int64_t patch_size, int64_t p, std::string_view reduction) {

@@ -1,12 +1,7 @@
 // CPU kernels of maep_fast::patch_recon_loss and patch_recon_loss_backward.
 //
-// Semantics equal maep_fast.ops.patch_recon_loss.patch_recon_loss_reference:
-//   t        = patchify(imgs)[n, l]          (channel-last inside the patch)
-//   norm_pix : t = (t - mean) / sqrt(var_unbiased + 1e-6)
-//   err[n,l] = mean_j |pred[n,l,j] - t_j|^p,  p in {1, 2}
-//   reduction: mean (sum(err*m)/sum(m), 0 if sum(m) == 0), sum, per_sample
-//              ([N], per-sample masked mean), none ([N, L] err*m); m = 1 if no mask.
-// One fused pass per patch: the patch is gathered from imgs into a small
+// Semantics and contract: maep_fast/ops/patch_recon_loss.py (module docstring; the
+// reference is patch_recon_loss_reference). One fused pass per patch: the patch is gathered from imgs into a small
 // buffer (never materializing patchify(imgs)), normalized, compared with the
 // contiguous pred row and reduced. Backward recomputes the statistics
 // (no saved activations) and writes d pred and d imgs in one pass; patches

@@ -1,5 +1,7 @@
 // Shared argument checks of the maep_fast::pgd_step / pgd_step_ ops
-// (CPU kernel in pgd_step_cpu.cpp, CUDA glue in pgd_step_cuda.cpp).
+// (CPU kernel in pgd_step_cpu.cpp, CUDA glue in pgd_step_cuda.cpp). The op's contract is
+// stated once, in the module docstring of maep_fast/ops/pgd_step.py; these checks are the
+// native side's own guard of it.
 #pragma once
 
 #include <ATen/core/Tensor.h>

@@ -29,10 +29,9 @@ TORCH_LIBRARY(maep_fast, m) {
       "pgd_step_.scalar(Tensor(a!) x, Tensor grad, Tensor x0, float step_size, float eps, str norm, "
       "int direction, float clamp_min, float clamp_max) -> ()");
 
-  // Fused patchify + per-patch normalization + |pred - target|^p + mask
-  // weighting + reduction ('mean' | 'sum' | 'per_sample' | 'none'); output in
-  // pred's dtype: [] / [] / [N] / [N, L]. Differentiable (autograd registered
-  // in maep_fast/ops/_native_ops.py) w.r.t. pred and imgs through
+  // Patch reconstruction loss; contract: maep_fast/ops/patch_recon_loss.py (module docstring).
+  // pred and imgs share one dtype here (the Python entry point promotes). Differentiable w.r.t.
+  // pred and imgs (C++ autograd node, patch_recon_loss_autograd.cpp) through
   // patch_recon_loss_backward -> (grad_pred, grad_imgs).
   m.def(
       "patch_recon_loss(Tensor pred, Tensor imgs, Tensor? mask, int patch_size, bool norm_pix, int p, "
@@ -41,7 +40,7 @@ TORCH_LIBRARY(maep_fast, m) {
       "patch_recon_loss_backward(Tensor grad_out, Tensor pred, Tensor imgs, Tensor? mask, int patch_size, "
       "bool norm_pix, int p, str reduction) -> (Tensor, Tensor)");
 
-  // Attention over visible patches, q/k/v [B, H, L, D], keep bool [B, L] or None.
+  // Attention over visible patches; contract: maep_fast/ops/masked_patch_attention.py.
   // masked_patch_attention is the public differentiable op (out only): CPU / CUDA
   // kernels, and a hand-written C++ autograd node at the Autograd key that runs
   // masked_patch_attention_fwd -> (out, lse), saves lse (per-row logsumexp, fp32;

@@ -1,11 +1,9 @@
 // Torch-free CUDA kernels of maep_fast::patch_recon_loss (per-patch part):
 // raw pointers, sizes and a stream, so nvcc can compile-check them without torch.
 //
-// Per patch (n, l) of imgs [N, C, H, W] (contiguous), patch_size ps,
-// grid gh x gw, dim = ps*ps*C, pred [N, L, dim] (contiguous):
-//   t_j = patchify(imgs)[n, l, j]   (channel-last: j = (pi*ps + qi)*C + c)
-//   norm_pix: t = (t - mean) / sqrt(var_unbiased + 1e-6)
-//   err[n*L + l] = mean_j |pred_j - t_j|^p        (p in {1, 2})
+// The op's contract and per-patch error err[n, l]: maep_fast/ops/patch_recon_loss.py.
+// Here imgs [N, C, H, W] and pred [N, L, ps*ps*C] are contiguous, already checked, and the
+// target column j of patch (n, l) is patchify's channel-last j = (pi*ps + qi)*C + c.
 // Forward writes err (fp32; fp64 for double storage); the mask weighting and
 // the reduction over [N, L] are done by the torch glue.
 // Backward takes the per-patch weight w = d loss / d err[n, l] and writes

@@ -8,6 +8,7 @@
 - validation reads no tensor values of non-CPU tensors (here: ``meta`` tensors, which have none),
   so an op never synchronizes a CUDA stream for its checks.
 """
+import functools
 import importlib
 
 import pytest
@@ -104,14 +105,14 @@ def test_loss_and_attention_validation_read_no_device_values():
     q = _meta(2, 3, 5, 8)
     with pytest.raises(RuntimeError):
         bool(mask.sum() > 0)  # what a value-reading check would do: meta refuses it
-    for validate in (prl_mod._validate, prl_mod._validate_full):
+    for validate in (prl_mod._validate, functools.partial(prl_mod._validate, full=True)):
         assert validate(pred, imgs, mask, 2, 2, "per_sample") is None
         assert validate(pred, imgs, None, 2, 1, "mean") is None
         with pytest.raises(ValueError, match="mask must have shape"):
             validate(pred, imgs, _meta(2, 15), 2, 2, "per_sample")
         with pytest.raises(ValueError, match="pred must have shape"):
             validate(_meta(2, 16, 13), imgs, mask, 2, 2, "mean")
-    for validate in (mpa_mod._validate, mpa_mod._validate_full):
+    for validate in (mpa_mod._validate, functools.partial(mpa_mod._validate, full=True)):
         assert validate(q, q, q, keep, None) is None
         assert validate(q, q, q, None, 0.5) is None
         with pytest.raises(ValueError, match="keep must have shape"):

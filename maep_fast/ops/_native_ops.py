@@ -30,14 +30,6 @@ from maep_fast._native import native_available
 _REGISTERED = False
 
 
-def _prl_out_shape(pred: torch.Tensor, reduction: str) -> tuple:
-    if reduction == "per_sample":
-        return (pred.shape[0],)
-    if reduction == "none":
-        return (pred.shape[0], pred.shape[1])
-    return ()
-
-
 def _register() -> None:
     global _REGISTERED
     if _REGISTERED:
@@ -48,10 +40,10 @@ def _register() -> None:
     # ------------------------------------------------------------------ patch_recon_loss
     @torch.library.register_fake(lib + "patch_recon_loss")
     def _prl_fake(pred, imgs, mask, patch_size, norm_pix, p, reduction):
-        from maep_fast.ops.patch_recon_loss import _validate
+        from maep_fast.ops.patch_recon_loss import _out_shape, _validate
 
         _validate(pred, imgs, mask, patch_size, p, reduction)
-        return pred.new_empty(_prl_out_shape(pred, reduction))
+        return pred.new_empty(_out_shape(pred.shape[0], pred.shape[1], reduction))
 
     @torch.library.register_fake(lib + "patch_recon_loss_backward")
     def _prl_bwd_fake(grad_out, pred, imgs, mask, patch_size, norm_pix, p, reduction):
@@ -62,19 +54,17 @@ def _register() -> None:
     # ------------------------------------------------------------------ masked_patch_attention
     @torch.library.register_fake(lib + "masked_patch_attention")
     def _mpa_fake(q, k, v, keep, scale):
-        from maep_fast.ops.masked_patch_attention import _validate
+        from maep_fast.ops.masked_patch_attention import _empty_outputs, _validate
 
         _validate(q, k, v, keep, scale)
-        return torch.empty_like(q, memory_format=torch.contiguous_format)
+        return _empty_outputs(q)[0]
 
     @torch.library.register_fake(lib + "masked_patch_attention_fwd")
     def _mpa_fwd_fake(q, k, v, keep, scale):
-        from maep_fast.ops.masked_patch_attention import _validate
+        from maep_fast.ops.masked_patch_attention import _empty_outputs, _validate
 
         _validate(q, k, v, keep, scale)  # the public op's forward, below its autograd node
-        stat = torch.float64 if q.dtype == torch.float64 else torch.float32
-        b, h, length, _ = q.shape
-        return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty((b, h, length), dtype=stat)
+        return _empty_outputs(q)
 
     @torch.library.register_fake(lib + "masked_patch_attention_bwd")
     def _mpa_bwd_fake(grad_out, q, k, v, out, lse, keep, scale):

@@ -1,19 +1,30 @@
 """Masked-patch attention: reference, Triton, C++ CPU and CUDA paths.
 
-q, k, v: [B, H, L, D]; keep: optional bool [B, L], True = visible patch.
-Softmax runs over visible keys only; rows of hidden queries are zeros and get
-zero gradient. keep=None is plain attention. ``return_attn`` (reference only)
-also returns the attention matrix [B, H, L, L] (the AMV diagnostic reads it).
+This docstring is the op's contract; ``_validate`` checks it (shapes, dtypes and
+devices, never values), ``_empty_outputs`` gives the outputs' shapes for the
+fake kernels, and the native kernels' guard (``check_mpa_args``,
+csrc/masked_patch_attention.h) and the Triton kernels refer here.
+
+q, k, v: [B, H, L, D], non-empty, one float dtype (fp16 / bf16 / fp32 / fp64),
+one device. keep: optional bool [B, L] on that device, True = visible patch.
+scale: None (D**-0.5) or a positive finite number.
+Returns out [B, H, L, D] in q's dtype. Softmax runs over visible keys only; rows
+of hidden queries are zeros and get zero gradient. keep=None is plain attention.
+``return_attn`` (reference only) also returns the attention matrix [B, H, L, L]
+(the AMV diagnostic reads it). A wrong argument raises before any kernel runs,
+naming it: ``TypeError`` for a non-tensor or a wrong dtype, ``ValueError`` for a
+wrong rank, shape, device or scale.
 
 Backends (``backend=``, see ``maep_fast.ops._dispatch``):
 
 - ``torch``: ``masked_patch_attention_reference``.
 - ``triton``: ``maep_fast.ops.triton_kernels.masked_patch_attention`` (fp32 / fp16 /
-  bf16, head dim <= 256), through ``MaskedPatchAttentionTriton`` (autograd.Function:
-  forward saves q, k, v, out, logsumexp; backward gives dq, dk, dv). Both kernels are
-  registered as ``torch.ops.maep_fast.masked_patch_attention_triton`` (-> out, lse;
-  differentiable in q, k, v) and ``..._triton_backward`` with fake implementations, so
-  ``torch.compile(fullgraph=True)`` traces them and ``torch.library.opcheck`` passes.
+  bf16, head dim <= 256). Both kernels are registered as
+  ``torch.ops.maep_fast.masked_patch_attention_triton`` (-> out, lse; differentiable in
+  q, k, v: forward saves q, k, v, out, logsumexp, backward gives dq, dk, dv) and
+  ``..._triton_backward`` with fake implementations, so ``torch.compile(fullgraph=True)``
+  traces them and ``torch.library.opcheck`` passes; ``MaskedPatchAttentionTriton``
+  (autograd.Function) returns ``out`` with that same backward.
 - ``cpp`` / ``cuda``: ``torch.ops.maep_fast.masked_patch_attention`` of ``maep_fast._C``
   (autograd registered in ``maep_fast.ops._native_ops``).
 
@@ -29,6 +40,7 @@ import torch
 
 from maep_fast._checks import check_same_device, check_tensor
 from maep_fast.ops._dispatch import explicit_backend, register_backends, resolve_backend, unavailable_reason
+from maep_fast.ops._fastcall import NativeOp, eager
 
 OP = "masked_patch_attention"
 register_backends(OP, "triton", "cpp", "cuda")
@@ -40,23 +52,21 @@ TRITON_MAX_HEAD_DIM = 256  # = triton_kernels.masked_patch_attention.MAX_HEAD_DI
 _FLOATS = frozenset((torch.float16, torch.bfloat16, torch.float32, torch.float64))
 
 
-def _validate(q, k, v, keep, scale):
-    """The common call is recognised by one expression; anything else takes the full checks,
-    which raise naming the argument."""
-    if (isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor)
+def _validate(q, k, v, keep, scale, *, full: bool = False) -> None:
+    """The contract's checks (module docstring): raise naming the argument, else return None.
+
+    Shapes, dtypes and devices only, never tensor values (no host sync). The common call is
+    recognised first by one expression, at half the cost of the named checks, which run for
+    anything else (and for every call with ``full=True``)."""
+    if (not full and isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor)
             and q.dtype in _FLOATS and k.dtype == q.dtype and v.dtype == q.dtype and q.dim() == 4
-            and k.shape == q.shape and v.shape == q.shape and q.numel() > 0
-            and (scale is None or (type(scale) is float and 0.0 < scale < math.inf))):
+            and k.shape == q.shape and v.shape == q.shape and q.numel() > 0 and _scale_ok(scale)):
         dev = q.device
         if k.device == dev and v.device == dev and (
                 keep is None or (isinstance(keep, torch.Tensor) and keep.dtype == torch.bool and keep.dim() == 2
                                  and keep.shape[0] == q.shape[0] and keep.shape[1] == q.shape[2]
                                  and keep.device == dev)):
             return
-    _validate_full(q, k, v, keep, scale)
-
-
-def _validate_full(q, k, v, keep, scale):
     check_tensor(q, "q", ndim=4)
     check_tensor(k, "k", ndim=4, dtypes=(q.dtype,))
     check_tensor(v, "v", ndim=4, dtypes=(q.dtype,))
@@ -72,6 +82,19 @@ def _validate_full(q, k, v, keep, scale):
     if scale is not None and not (isinstance(scale, (int, float)) and not isinstance(scale, bool)
                                   and 0 < scale < math.inf):
         raise ValueError(f"scale must be a positive finite number or None, got {scale!r}")
+
+
+def _scale_ok(scale) -> bool:
+    """The common scale: None or a positive finite float (other numbers take the named checks)."""
+    return scale is None or (type(scale) is float and 0.0 < scale < math.inf)
+
+
+def _empty_outputs(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Uninitialised (out [B, H, L, D] in q's dtype, contiguous; lse [B, H, L] in fp32, fp64 for
+    fp64 q): the outputs' shapes and dtypes, for the fake kernels."""
+    b, h, length, _ = q.shape
+    stat = torch.float64 if q.dtype == torch.float64 else torch.float32
+    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty((b, h, length), dtype=stat)
 
 
 def masked_patch_attention_reference(q, k, v, keep=None, scale=None, return_attn=False):
@@ -99,6 +122,7 @@ def masked_patch_attention_reference(q, k, v, keep=None, scale=None, return_attn
 def _triton_fwd_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: Optional[torch.Tensor], scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out [B, H, L, D] in q's dtype, lse [B, H, L] fp32): the Triton forward kernel."""
     from maep_fast.ops.triton_kernels.masked_patch_attention import attn_fwd
 
     return attn_fwd(q, k, v, keep, scale)
@@ -106,8 +130,7 @@ def _triton_fwd_op(
 
 @_triton_fwd_op.register_fake
 def _(q, k, v, keep, scale):
-    b, h, length, _d = q.shape
-    return q.new_empty(q.shape), q.new_empty((b, h, length), dtype=torch.float32)
+    return _empty_outputs(q)
 
 
 @torch.library.custom_op("maep_fast::masked_patch_attention_triton_backward", mutates_args=())
@@ -115,6 +138,7 @@ def _triton_bwd_op(
     dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: Optional[torch.Tensor],
     out: torch.Tensor, lse: torch.Tensor, scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv), each [B, H, L, D] in q's dtype: the Triton backward kernel."""
     from maep_fast.ops.triton_kernels.masked_patch_attention import attn_bwd
 
     return attn_bwd(dout, q, k, v, keep, out, lse, scale)
@@ -125,38 +149,38 @@ def _(dout, q, k, v, keep, out, lse, scale):
     return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape)
 
 
-def _op_setup_context(ctx, inputs, output):
-    q, k, v, keep, scale = inputs
-    out, lse = output
-    ctx.mark_non_differentiable(lse)
+def _triton_save(ctx, q, k, v, keep, scale, out, lse) -> None:
+    """Saves what the backward reads: q, k, v, keep, out, the logsumexp lse and scale."""
     ctx.save_for_backward(q, k, v, keep, out, lse)
     ctx.scale = scale
 
 
-def _op_backward(ctx, dout, _dlse):
+def _triton_setup_context(ctx, inputs, output):
+    ctx.mark_non_differentiable(output[1])  # lse gets no gradient
+    _triton_save(ctx, *inputs, *output)
+
+
+def _triton_backward(ctx, dout, _dlse=None):
+    """(dq, dk, dv) from the FlashAttention-2 style backward kernel; none for keep and scale."""
     q, k, v, keep, out, lse = ctx.saved_tensors
     dq, dk, dv = _triton_bwd_op(dout, q, k, v, keep, out, lse, ctx.scale)
     return dq, dk, dv, None, None
 
 
-_triton_fwd_op.register_autograd(_op_backward, setup_context=_op_setup_context)
+_triton_fwd_op.register_autograd(_triton_backward, setup_context=_triton_setup_context)
 
 
 class MaskedPatchAttentionTriton(torch.autograd.Function):
-    """Triton forward (saves q, k, v, out, logsumexp) and FlashAttention-2 style backward."""
+    """``out`` of ``torch.ops.maep_fast.masked_patch_attention_triton``, differentiated by that op's
+    own backward (``_triton_save`` / ``_triton_backward``): the backend's entry, named in ``grad_fn``."""
 
     @staticmethod
     def forward(ctx, q, k, v, keep, scale):
         out, lse = _triton_fwd_op(q, k, v, keep, scale)
-        ctx.save_for_backward(q, k, v, keep, out, lse)
-        ctx.scale = scale
+        _triton_save(ctx, q, k, v, keep, scale, out, lse)
         return out
 
-    @staticmethod
-    def backward(ctx, dout):
-        q, k, v, keep, out, lse = ctx.saved_tensors
-        dq, dk, dv = _triton_bwd_op(dout, q, k, v, keep, out, lse, ctx.scale)
-        return dq, dk, dv, None, None
+    backward = staticmethod(_triton_backward)
 
 
 def _triton_unsupported(q: torch.Tensor) -> tuple[str, type]:
@@ -187,67 +211,29 @@ def _cuda_unsupported(q: torch.Tensor) -> tuple[str, type]:
     return "", ValueError
 
 
-_NATIVE: list = []
-
-
-def _native_attention():
-    """``torch.ops.maep_fast.masked_patch_attention.default``, looked up once."""
-    if not _NATIVE:
-        _NATIVE.append(torch.ops.maep_fast.masked_patch_attention.default)
-    return _NATIVE[0]
-
-
-_NATIVE_ENTRY: list = []
-
-
-def _native_entry():
-    """The overload's C++ entry ``_op``, looked up once: OpOverload.__call__ only forwards to it."""
-    if not _NATIVE_ENTRY:
-        _NATIVE_ENTRY.append(_native_attention()._op)
-    return _NATIVE_ENTRY[0]
+_NATIVE = NativeOp(OP, _validate)
+_native_attention = _NATIVE.overload  # a module attribute: tests replace it to watch the CUDA path
 
 
 def _goes_native(q, scale, backend) -> bool:
-    """Whether an eager call can go straight to the C++ CPU op: a tensor q, a plain scale, backend
-    cpp. The op checks shapes, dtypes and devices itself (the kernel: check_mpa_args in
-    csrc/masked_patch_attention.h; the fakes, for meta or fake tensors: _validate), so the Python
-    checks, about 1 us of a 6 us call on a tiny tensor, run only for a call it refuses, to raise
-    naming the argument. The CUDA path checks first: its kernel is never given inputs it cannot run."""
-    if torch.compiler.is_compiling():
-        return False  # traced once: the full path below
-    if not (isinstance(q, torch.Tensor) and (scale is None or (type(scale) is float and 0.0 < scale < math.inf))):
-        return False
-    try:
-        return resolve_backend(OP, backend, q.device) == "cpp"
-    except (RuntimeError, ValueError):
-        return False  # an unknown or unavailable backend is reported after the argument checks
-
-
-def _argument_error(refused: Exception, q, k, v, keep, scale) -> Exception:
-    """For a call the native op refused: the Python checks' error, which names the argument, or
-    the op's own error where the arguments pass them."""
-    try:
-        _validate_full(q, k, v, keep, scale)
-    except (TypeError, ValueError) as bad:
-        return bad
-    return refused
+    """Whether an eager call can go straight to the C++ CPU op (``maep_fast.ops._fastcall``): a
+    tensor q, a plain scale, backend cpp. The CUDA path checks first: its kernel is never given
+    inputs it cannot run."""
+    return isinstance(q, torch.Tensor) and _scale_ok(scale) and _NATIVE.goes_native(backend, q.device, resolve_backend)
 
 
 def masked_patch_attention(q, k, v, keep=None, *, scale=None, backend="auto"):
     """Attention over visible patches; see module docstring for shapes and backends."""
     if _goes_native(q, scale, backend):
         try:
-            return _native_entry()(q, k, v, keep, q.shape[-1] ** -0.5 if scale is None else scale)
+            return _NATIVE.entry()(q, k, v, keep, q.shape[-1] ** -0.5 if scale is None else scale)
         except Exception as refused:  # re-raised as it is unless the Python checks name an argument
-            raise _argument_error(refused, q, k, v, keep, scale) from None
+            raise _NATIVE.argument_error(refused, q, k, v, keep, scale) from None
     _validate(q, k, v, keep, scale)
     chosen = resolve_backend(OP, backend, q.device)
     scale_f = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if chosen == "cpp":
-        op = _native_attention()
-        if not torch.compiler.is_compiling():
-            op = op._op  # the overload's C++ entry itself: OpOverload.__call__ only forwards to it
-        return op(q, k, v, keep, scale_f)
+        return eager(_native_attention())(q, k, v, keep, scale_f)
     if chosen == "triton":
         why, exc = _triton_unsupported(q)
         if not why:

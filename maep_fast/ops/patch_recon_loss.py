@@ -1,16 +1,28 @@
 """Patch reconstruction loss: patchify + per-patch normalization + error +
 mask weighting + reduction (MAE's ``forward_loss``, generalized).
 
-pred:  [N, L, p*p*C]   decoder output in patch layout
-imgs:  [N, C, H, W]    images; the target is ``patchify(imgs)``
-mask:  [N, L] or None  1 = patch counted (MAE: removed), 0 = ignored;
-                       None counts every patch (mask ratio 0 never divides by 0)
+This docstring is the op's contract; ``_validate`` checks it (shapes, dtypes and
+devices, never values), ``_out_shape`` gives the loss's shape, and the native
+kernels' guard (``check_patch_recon_loss_args``, csrc/patch_recon_loss.h) and the
+Triton / CUDA kernels refer here.
+
+pred:  [N, L, P*P*C]  decoder output in patch layout, P = patch_size, L = (H/P)*(W/P)
+imgs:  [N, C, H, W]   images, H and W divisible by P; the target is ``patchify(imgs)``
+mask:  [N, L] or None 1 = patch counted (MAE: removed), 0 = ignored (bool, int or float);
+                      None counts every patch (mask ratio 0 never divides by 0)
+patch_size: int >= 1;  p: 1 or 2;  reduction: one of ``REDUCTIONS``
+
+pred and imgs are non-empty fp16 / bf16 / fp32 / fp64 tensors on one device (mask
+on it too); they may differ in dtype (the native backends then compute in the
+promoted dtype). The loss has dtype promote(pred, imgs). A wrong argument raises
+before any kernel runs, naming it: ``TypeError`` for a non-tensor or a non-float
+dtype, ``ValueError`` for a wrong rank, shape, device, patch_size, p or reduction.
 
 err[n, l] = mean_j |pred[n, l, j] - target[n, l, j]|^p
 with norm_pix the target patch is (t - mean) / sqrt(var_unbiased + 1e-6).
 
-reduction: 'mean'       sum(err * mask) / sum(mask)   (0 when the mask is empty)
-           'sum'        sum(err * mask)
+reduction: 'mean'       [] sum(err * mask) / sum(mask)   (0 when the mask is empty)
+           'sum'        [] sum(err * mask)
            'per_sample' [N]: per-sample masked mean (0 where a sample's mask is empty)
            'none'       [N, L]: err * mask
 
@@ -43,6 +55,7 @@ import torch
 
 from maep_fast._checks import check_same_device, check_tensor
 from maep_fast.ops._dispatch import register_backends, resolve_backend
+from maep_fast.ops._fastcall import NativeOp, eager
 from maep_fast.ops.patchify import patchify
 
 REDUCTIONS = ("mean", "sum", "per_sample", "none")
@@ -54,28 +67,33 @@ _FLOATS = frozenset((torch.float16, torch.bfloat16, torch.float32, torch.float64
 _REDUCTION_SET = frozenset(REDUCTIONS)
 
 
-def _validate(pred, imgs, mask, patch_size, p, reduction):
-    """The common call is recognised by one expression; anything else takes the full checks,
-    which raise naming the argument."""
-    try:
-        if type(patch_size) is int and patch_size > 0 and (p == 2 or p == 1) and reduction in _REDUCTION_SET:
-            ps, ish = pred.shape, imgs.shape
-            if len(ish) == 4 and len(ps) == 3:
-                n, c, h, w = ish
-                length = (h // patch_size) * (w // patch_size)
-                if (ps[0] == n and ps[1] == length and ps[2] == patch_size * patch_size * c and n * length * c > 0
-                        and h % patch_size == 0 and w % patch_size == 0
-                        and pred.dtype in _FLOATS and imgs.dtype in _FLOATS and pred.device == imgs.device
-                        and (mask is None or (mask.shape == (n, length) and mask.device == pred.device
-                                              and isinstance(mask, torch.Tensor)))
-                        and isinstance(pred, torch.Tensor) and isinstance(imgs, torch.Tensor)):
-                    return
-    except (AttributeError, TypeError, ValueError):
-        pass  # not tensors, or not shaped like any: the full checks say what is wrong
-    _validate_full(pred, imgs, mask, patch_size, p, reduction)
+def _out_shape(n: int, length: int, reduction: str) -> tuple:
+    """The loss's shape for ``reduction``: [] (mean, sum), [N] (per_sample), [N, L] (none)."""
+    return (n,) if reduction == "per_sample" else (n, length) if reduction == "none" else ()
 
 
-def _validate_full(pred, imgs, mask, patch_size, p, reduction):
+def _validate(pred, imgs, mask, patch_size, p, reduction, *, full: bool = False) -> None:
+    """The contract's checks (module docstring): raise naming the argument, else return None.
+
+    Shapes, dtypes and devices only, never tensor values (no host sync). The common call is
+    recognised first by one expression, at half the cost of the named checks, which run for
+    anything else (and for every call with ``full=True``)."""
+    if not full:
+        try:
+            if type(patch_size) is int and patch_size > 0 and (p == 2 or p == 1) and reduction in _REDUCTION_SET:
+                ps, ish = pred.shape, imgs.shape
+                if len(ish) == 4 and len(ps) == 3:
+                    n, c, h, w = ish
+                    length = (h // patch_size) * (w // patch_size)
+                    if (ps[0] == n and ps[1] == length and ps[2] == patch_size * patch_size * c
+                            and n * length * c > 0 and h % patch_size == 0 and w % patch_size == 0
+                            and pred.dtype in _FLOATS and imgs.dtype in _FLOATS and pred.device == imgs.device
+                            and (mask is None or (mask.shape == (n, length) and mask.device == pred.device
+                                                  and isinstance(mask, torch.Tensor)))
+                            and isinstance(pred, torch.Tensor) and isinstance(imgs, torch.Tensor)):
+                        return
+        except (AttributeError, TypeError, ValueError):
+            pass  # not tensors, or not shaped like any: the named checks say what is wrong
     check_tensor(pred, "pred", ndim=3)
     check_tensor(imgs, "imgs", ndim=4)
     check_same_device("pred", pred, "imgs", imgs)
@@ -152,52 +170,15 @@ def patch_recon_loss_reference(
     return _reduce(err if m is None else err * m, m, reduction)
 
 
-_NATIVE: list = []
-
-
-def _native_loss():
-    """``torch.ops.maep_fast.patch_recon_loss.default``, looked up once."""
-    if not _NATIVE:
-        _NATIVE.append(torch.ops.maep_fast.patch_recon_loss.default)
-    return _NATIVE[0]
-
-
-_NATIVE_ENTRY: list = []
-
-
-def _native_entry():
-    """The overload's C++ entry ``_op``, looked up once: OpOverload.__call__ only forwards to it."""
-    if not _NATIVE_ENTRY:
-        _NATIVE_ENTRY.append(_native_loss()._op)
-    return _NATIVE_ENTRY[0]
+_NATIVE = NativeOp("patch_recon_loss", _validate)
 
 
 def _goes_native(pred, imgs, patch_size, p, reduction, backend) -> bool:
-    """Whether an eager call can go straight to the native op: tensors of one dtype, plain scalar
-    arguments, the cpp backend. The op checks shapes, dtypes and devices itself (the kernels:
-    check_patch_recon_loss_args in csrc/patch_recon_loss.h; the fake, for meta or fake tensors:
-    _validate), so the Python checks, about 1 us of a 6 us call on a tiny tensor, run only for a
-    call it refuses, to raise naming the argument."""
-    if torch.compiler.is_compiling():
-        return False  # traced once: the full path below
-    if not (isinstance(pred, torch.Tensor) and isinstance(imgs, torch.Tensor) and pred.dtype is imgs.dtype
-            and type(patch_size) is int and (p == 2 or p == 1) and reduction in _REDUCTION_SET):
-        return False
-    try:
-        # CPU only: on a GPU the checks are ~1 % of a call, and the Python errors stay first there
-        return resolve_backend("patch_recon_loss", backend, pred.device) == "cpp"
-    except (RuntimeError, ValueError):
-        return False  # an unknown or unavailable backend is reported after the argument checks
-
-
-def _argument_error(refused: Exception, pred, imgs, mask, patch_size, p, reduction) -> Exception:
-    """For a call the native op refused: the Python checks' error, which names the argument, or
-    the op's own error where the arguments pass them."""
-    try:
-        _validate_full(pred, imgs, mask, patch_size, p, reduction)
-    except (TypeError, ValueError) as bad:
-        return bad
-    return refused
+    """Whether an eager call can go straight to the native op (``maep_fast.ops._fastcall``):
+    tensors of one dtype, plain scalar arguments, the cpp backend."""
+    return (isinstance(pred, torch.Tensor) and isinstance(imgs, torch.Tensor) and pred.dtype is imgs.dtype
+            and type(patch_size) is int and (p == 2 or p == 1) and reduction in _REDUCTION_SET
+            and _NATIVE.goes_native(backend, pred.device, resolve_backend))
 
 
 def patch_recon_loss(
@@ -215,19 +196,16 @@ def patch_recon_loss(
     # autograd in C++ (csrc/patch_recon_loss_autograd.cpp), fake kernel in maep_fast/ops/_native_ops.py
     if _goes_native(pred, imgs, patch_size, p, reduction, backend):
         try:
-            return _native_entry()(pred, imgs, mask, patch_size, bool(norm_pix), int(p), reduction)
+            return _NATIVE.entry()(pred, imgs, mask, patch_size, bool(norm_pix), int(p), reduction)
         except Exception as refused:  # re-raised as it is unless the Python checks name an argument
-            raise _argument_error(refused, pred, imgs, mask, patch_size, p, reduction) from None
+            raise _NATIVE.argument_error(refused, pred, imgs, mask, patch_size, p, reduction) from None
     _validate(pred, imgs, mask, patch_size, p, reduction)
     be = resolve_backend("patch_recon_loss", backend, pred.device)
     if be in ("cpp", "cuda"):
         if pred.dtype != imgs.dtype:  # e.g. bf16 pred under autocast, fp32 images
             dt = torch.promote_types(pred.dtype, imgs.dtype)
             pred, imgs = pred.to(dt), imgs.to(dt)
-        op = _native_loss()
-        if not torch.compiler.is_compiling():
-            op = op._op  # the overload's C++ entry itself: OpOverload.__call__ only forwards to it
-        return op(pred, imgs, mask, patch_size, bool(norm_pix), int(p), reduction)
+        return eager(_NATIVE.overload())(pred, imgs, mask, patch_size, bool(norm_pix), int(p), reduction)
     if be == "triton":
         return _patch_recon_loss_triton(pred, imgs, mask, patch_size, bool(norm_pix), int(p), reduction)
     return patch_recon_loss_reference(pred, imgs, mask, patch_size, norm_pix, p, reduction)
@@ -250,8 +228,7 @@ def _prl_triton_fwd(
 
 @_prl_triton_fwd.register_fake
 def _(pred, imgs, mask, patch_size, norm_pix, p):
-    n, _, h, w = imgs.shape
-    return pred.new_empty((n, (h // patch_size) * (w // patch_size)), dtype=_compute_dtype(pred, imgs))
+    return pred.new_empty(_out_shape(pred.shape[0], pred.shape[1], "none"), dtype=_compute_dtype(pred, imgs))
 
 
 @torch.library.custom_op("maep_fast::patch_recon_loss_triton_backward", mutates_args=())

@@ -14,7 +14,11 @@ nothing allocated) or tensors of shape [] or [B] (metadata checked only: their
 values are never read on the host, so a CUDA step never synchronizes; a caller
 passing tensors validates their values itself). Arithmetic is done
 in fp32 (fp64 for fp64 inputs). A sample whose gradient is all zero does not
-move before projection.
+move before projection. ``norm``: 'linf' | 'l2'; ``clamp``: (min, max), finite,
+or None. A wrong argument raises before any kernel runs, naming it (``TypeError``
+for a wrong type or dtype, ``ValueError`` for a wrong shape, device or value);
+``_validate`` checks this contract, ``check_pgd_step_args`` (csrc/pgd_step.h) is
+the native side's own guard of it.
 
 Backends: ``torch`` (reference, any device), ``cpp`` (``torch.ops.maep_fast``
 CPU kernel from ``csrc/``), ``triton`` (``triton_kernels/pgd_step.py``: L-inf
@@ -34,6 +38,7 @@ import torch
 from maep_fast._checks import check_same_device, check_tensor
 from maep_fast._native import native_available
 from maep_fast.ops._dispatch import register_backends, resolve_backend
+from maep_fast.ops._fastcall import eager
 
 NORMS = ("linf", "l2")
 
@@ -77,14 +82,16 @@ _FLOATS = frozenset((torch.float16, torch.bfloat16, torch.float32, torch.float64
 _INF = math.inf
 
 
-def _validate(x, grad, x0, step_size, eps, norm, direction, clamp):
-    """Metadata checks only (no host sync); returns (step, eps, clamp_min, clamp_max) with step / eps
-    each a float or a [B] tensor in the compute dtype (fp32; fp64 for fp64 ``x``).
+def _validate(x, grad, x0, step_size, eps, norm, direction, clamp, *, full: bool = False):
+    """The contract's checks (module docstring), metadata only (no host sync): raise naming the
+    argument, else return (step, eps, clamp_min, clamp_max) with step / eps each a float or a [B]
+    tensor in the compute dtype (fp32; fp64 for fp64 ``x``).
 
     The common call (three same-shape float tensors on one device, float step / eps, a finite clamp)
-    is recognised by one expression; anything else takes the full checks, which name the argument."""
-    if (type(step_size) is float and type(eps) is float and 0.0 <= step_size < _INF and 0.0 <= eps < _INF
-            and (norm == "linf" or norm == "l2") and (direction == 1 or direction == -1)
+    is recognised first by one expression; the named checks run for anything else (and for every
+    call with ``full=True``)."""
+    if (not full and type(step_size) is float and type(eps) is float
+            and 0.0 <= step_size < _INF and 0.0 <= eps < _INF and (norm == "linf" or norm == "l2") and (direction == 1 or direction == -1)
             and isinstance(x, torch.Tensor) and isinstance(grad, torch.Tensor) and isinstance(x0, torch.Tensor)
             and x.dtype in _FLOATS and grad.dtype == x.dtype and x0.dtype == x.dtype
             and grad.shape == x.shape and x0.shape == x.shape and 0 < x.dim() < 9 and x.numel() > 0
@@ -93,10 +100,6 @@ def _validate(x, grad, x0, step_size, eps, norm, direction, clamp):
         if (type(lo) is float and type(hi) is float and -_INF < lo <= hi < _INF
                 and grad.device == x.device and x0.device == x.device):
             return step_size, eps, lo, hi
-    return _validate_full(x, grad, x0, step_size, eps, norm, direction, clamp)
-
-
-def _validate_full(x, grad, x0, step_size, eps, norm, direction, clamp):
     check_tensor(x, "x", ndim=range(1, 9))
     if not isinstance(grad, torch.Tensor) or grad.dtype != x.dtype or grad.shape != x.shape:
         check_tensor(grad, "grad", ndim=x.dim(), dtypes=(x.dtype,))
@@ -245,10 +248,8 @@ def _pgd_step_inplace_validated(
     and keeps its step / eps in device tensors it fills in place)."""
     if x.is_contiguous():
         if be in ("cpp", "cuda"):
-            op = _native("pgd_step_", isinstance(step, torch.Tensor))
-            if not torch.compiler.is_compiling():
-                op = op._op  # the overload's C++ entry itself: OpOverload.__call__ only forwards to it
-            op(x, grad.contiguous(), x0.contiguous(), step, eps_v, norm, direction, lo, hi)
+            eager(_native("pgd_step_", isinstance(step, torch.Tensor)))(
+                x, grad.contiguous(), x0.contiguous(), step, eps_v, norm, direction, lo, hi)
             return x
         if be == "triton":
             per_sample = isinstance(step, torch.Tensor)

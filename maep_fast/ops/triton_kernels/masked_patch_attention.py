@@ -1,7 +1,7 @@
 """Triton kernels for masked-patch attention (forward + FlashAttention-2 style backward).
 
-Contract (launchers below): q, k, v [B, H, L, D] of one float dtype (fp32 / fp16 / bf16;
-any strides, made contiguous here), keep optional bool [B, L] (True = visible patch).
+Inputs (launchers below): arguments that meet the op's contract (``maep_fast.ops.masked_patch_attention``,
+module docstring), in fp32 / fp16 / bf16 with head dim <= MAX_HEAD_DIM; any strides (made contiguous here).
 
 - Online softmax in base 2 with fp32 statistics (running max ``m``, running sum ``l``,
   fp32 accumulator); ``tl.dot`` accumulates in fp32.

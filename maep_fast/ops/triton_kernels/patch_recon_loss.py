@@ -1,4 +1,5 @@
-"""Triton kernels of the patch reconstruction loss (see ``maep_fast.ops.patch_recon_loss``).
+"""Triton kernels of the patch reconstruction loss. The op's contract and semantics are those of
+``maep_fast.ops.patch_recon_loss`` (module docstring); the launchers take arguments it has checked.
 
 Layout: the N * L patches are rows r = n * L + l; a program owns BLOCK_R rows
 and the whole patch (BLOCK_D = next_pow2(D), D = P * P * C) of each, so every
