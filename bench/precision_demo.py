@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -87,14 +88,16 @@ def main(argv=None) -> None:
     device = torch.device(args.device)
     cfg = DemoConfig(progress=False)
     if args.dry_run:
-        cfg.eval_steps, cfg.mp_steps, cfg.mp_attack_steps, cfg.mp_eot = 2, 2, 1, 1
+        cfg.eval_steps = 2
+        cfg.mae_pure = replace(cfg.mae_pure, steps=2, attack_steps=1, eot=1)
         args.n_eval, args.mp_n = args.n_eval or 8, args.mp_n or 4
     from maep_fast.data import load_digits_dataset
 
     test = load_digits_dataset(cfg.image_size, "test")
     n_eval = args.n_eval or cfg.n_eval
     ev_cpu = test.subset(n_eval) if n_eval < len(test) else test
-    mp_n = args.mp_n or cfg.mp_n
+    mp = cfg.mae_pure
+    mp_n = args.mp_n or mp.n
     ev_m_cpu = ev_cpu if mp_n >= len(ev_cpu) else test.subset(mp_n, seed=cfg.seed)
     ev, ev_m = on_device(ev_cpu, device), on_device(ev_m_cpu, device)
     cfg.n_eval = len(ev_cpu)  # _sweep names the undefended baseline by it
@@ -103,9 +106,9 @@ def main(argv=None) -> None:
     meta = run_meta(device)
     meta.update(run=str(args.run) if args.run else None, dry_run=args.dry_run, n_eval=len(ev_cpu), mp_n=len(ev_m_cpu),
                 auto_precision=dict(AUTO_PRECISION), criterion="every row's accuracy moves by <= 1 point under bf16",
-                demo_config={k: getattr(cfg, k) for k in ("eval_eps", "eval_steps", "mp_steps", "mp_step_size", "mp_eta",
-                                                           "mp_mask_ratio", "mp_masks", "mp_attack_steps", "mp_eot",
-                                                           "seed")})
+                demo_config={k: cfg.to_flat()[k] for k in ("eval_eps", "eval_steps", "mp_steps", "mp_step_size",
+                                                            "mp_eta", "mp_mask_ratio", "mp_masks", "mp_attack_steps",
+                                                            "mp_eot", "seed")})
     writer = start_results(args.name or f"precision_demo_{device.type}", meta)
     print(f"writing {writer.json_path} row by row", flush=True)
     t0 = time.time()
@@ -116,10 +119,10 @@ def main(argv=None) -> None:
             randomized=False, threat_models=("oblivious", "adaptive-full-gradient"), eot=1, steps=cfg.eval_steps))]
         if not args.no_mae_pure:
             sections.append(("MAE-Pure", lambda: MAEPure(
-                mae, steps=cfg.mp_steps, step_size=cfg.mp_step_size, halve_step=True, eta=cfg.mp_eta,
-                mask_ratio=cfg.mp_mask_ratio, n_masks=cfg.mp_masks, precision=precision), ev_m, dict(
-                randomized=True, threat_models=("oblivious", "adaptive-full-gradient", "bpda-eot"), eot=cfg.mp_eot,
-                steps=cfg.mp_attack_steps, aa_steps=cfg.mp_aa_steps, attacks=cfg.mp_attacks or cfg.attacks)))
+                mae, steps=mp.steps, step_size=mp.step_size, halve_step=True, eta=mp.eta,
+                mask_ratio=mp.mask_ratio, n_masks=mp.masks, precision=precision), ev_m, dict(
+                randomized=True, threat_models=("oblivious", "adaptive-full-gradient", "bpda-eot"), eot=mp.eot,
+                steps=mp.attack_steps, aa_steps=mp.aa_steps, attacks=mp.attacks or cfg.attacks)))
         for defense, make, data, kw in sections:
             t = time.time()
             torch.manual_seed(cfg.seed)

@@ -1,6 +1,6 @@
 """Command line: ``maep-fast <command>`` (also ``python -m maep_fast``).
 
-Commands: demo, train-classifier, pretrain, train, purify, eval. Numbers such
+Commands: demo, train-classifier, pretrain, train, mimir, purify, eval. Numbers such
 as eps accept fractions ("8/255").
 
 Every training command seeds torch, numpy and Python's ``random`` with
@@ -173,7 +173,7 @@ def cmd_demo(args) -> int:
         raise ValueError("--quick and --full exclude each other")
     preset = QUICK if args.quick else (FULL if args.full else {})
     out_dir = args.out_dir or ("runs/demo_full" if args.full else "runs/demo")
-    cfg = DemoConfig(seed=args.seed, progress=not args.no_progress, **preset)
+    cfg = DemoConfig.from_flat(preset, seed=args.seed, progress=not args.no_progress)
     run_demo(out_dir, cfg)
     return 0
 
@@ -455,20 +455,21 @@ def cmd_eval(args) -> int:
 
 
 def _eval_threat_models(args, classifier, purifier, ds) -> int:
-    from maep_fast.evaluate import THREAT_MODELS, accuracy_vs_eps, evaluate_threat_models, format_table
+    from maep_fast.evaluate import THREAT_MODELS, EvalConfig, accuracy_vs_eps, evaluate_threat_models, format_table
 
     tms = [t.strip() for t in args.threat_models.split(",") if t.strip()] if args.threat_models else list(THREAT_MODELS)
     # --eot-adaptive wins; a non-default legacy --eot is honoured; else 20 for randomized purifiers, 1 otherwise
     eot = args.eot_adaptive if args.eot_adaptive is not None else (args.eot if args.eot != 1 else None)
-    kw = dict(threat_models=tms, attack=args.attack, norm=args.norm, steps=args.steps, step_size=args.step_size,
-              eot=eot, version=args.aa_version, seed=args.seed, progress=not args.no_progress,
-              defense=args.purifier_kind, n_classes=getattr(ds, "num_classes", None))
+    config = EvalConfig(threat_models=tuple(tms), attack=args.attack, norm=args.norm, eps=args.eps, steps=args.steps,
+                        step_size=args.step_size, eot=eot, version=args.aa_version, seed=args.seed,
+                        progress=not args.no_progress, defense=args.purifier_kind,
+                        n_classes=getattr(ds, "num_classes", None))
     if args.eps_sweep:
         eps_list = [_number(e) for e in args.eps_sweep.split(",") if e.strip()]
         plot = args.plot or (str(Path(args.out).with_suffix(".png")) if args.out else None)
-        report = accuracy_vs_eps(classifier, purifier, ds.images, ds.labels, eps_list, plot=plot, **kw)
+        report = accuracy_vs_eps(classifier, purifier, ds.images, ds.labels, eps_list, config, plot=plot)
     else:
-        report = evaluate_threat_models(classifier, purifier, ds.images, ds.labels, eps=args.eps, **kw)
+        report = evaluate_threat_models(classifier, purifier, ds.images, ds.labels, config)
     print(format_table(report["rows"]))
     for c in report["sanity"]:
         print(f"[sanity {'ok  ' if c['passed'] else 'FAIL'}] {c['check']}: {c['message']}")

@@ -25,22 +25,32 @@ steps, EOT, n; sanity checks per section), ``<out>/table.md``,
 MAE-Pure, each image captioned with the classifier's prediction),
 ``<out>/amv.png`` and the checkpoints ``classifier``, ``maep``, ``mae`` and
 (full demo) ``mimir_vit``.
+
+``DemoConfig`` holds one small config per part of the demo (``maep``, ``autoattack``, ``defended``,
+``randomized``, ``mae_pure``, ``mimir``); ``run_demo`` runs the ``STAGES`` in order, each a function of
+the config and the shared ``DemoState`` that returns its report sections, then ``write_report``.
+The presets ``QUICK`` and ``FULL`` are overrides in the flat names (those of metrics.json's "config"):
+``DemoConfig.from_flat`` applies them, ``DemoConfig.to_flat`` gives a config's flat names back.
 """
 from __future__ import annotations
 
+import functools
 import json
 import platform
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
 
 from maep_fast._native import native_available
 from maep_fast.checkpoint import save_model
-from maep_fast.data import load_digits_dataset
-from maep_fast.evaluate import accuracy_vs_eps, format_table, markdown_table, save_accuracy_vs_eps_plot
+from maep_fast.data import ImageDataset, load_digits_dataset
+from maep_fast.evaluate import (ADAPTIVE, BPDA_EOT, NO_ATTACK, OBLIVIOUS, EvalConfig, accuracy_vs_eps, attack_name,
+                                format_table, markdown_table, result_row, save_accuracy_vs_eps_plot)
 from maep_fast.models.classifiers import SmallCNN
 from maep_fast.models.presets import create_mae
 from maep_fast.plots import save_comparison_grid
@@ -53,16 +63,11 @@ from maep_fast.train.mae_pretrain import MAEPretrainConfig, train_mae
 from maep_fast.train.maep import AttackConfig, MAEPConfig, train_maep
 
 
-@dataclass
-class DemoConfig:
-    image_size: int = 16
-    preset: str = "demo"
-    full: bool = False
-    classifier_epochs: int = 15
-    batch_size: int = 64
-    seed: int = 0
-    progress: bool = True
-    # MAEP training (pairs: PGD against the frozen classifier, L-inf, step eps/4)
+@dataclass(frozen=True)
+class MAEPDemo:
+    """MAEP training: stage 1 on pairs made by PGD against the frozen classifier (L-inf, step eps/4),
+    stage 2 decoder LoRA."""
+
     stage1_epochs: int = 30
     stage2_epochs: int = 5
     train_eps: float = 16 / 255
@@ -70,57 +75,193 @@ class DemoConfig:
     train_steps: int = 5
     w_cls: float = 0.0  # MAEP classifier guidance (MAEPConfig.w_cls; 0 = the paper's loss)
     clean_frac: float = 0.0  # MAEP clean inputs per batch (MAEPConfig.clean_frac)
+
+
+@dataclass(frozen=True)
+class AutoAttackDemo:
+    """torchattacks' AutoAttack budget (its defaults: 100 APGD/FAB iterations, 5000 Square queries)."""
+
+    steps: int = 100
+    queries: int = 5000
+
+
+@dataclass(frozen=True)
+class DefendedDemo:
+    """MAEP finetuned through itself (AttackConfig(target="defended")), from the MAEP above: pairs by PGD on
+    classifier(MAEP(x)) at mask 0 with the current weights, a share of classifier-only pairs; 0 epochs = off."""
+
+    epochs: int = 0
+    steps: int = 3  # PGD steps of the pairs, step eps/2
+    eps: float = 16 / 255
+    classifier_frac: float = 0.3
+    lr: float = 1e-3
+    train_n: int = 0  # 0 = the whole train split
+
+
+@dataclass(frozen=True)
+class RandomizedDemo:
+    """MAEP with test-time randomness: the mean of ``masks`` reconstructions at ``mask_ratio`` > 0 (fresh masks
+    every call), attacked with ``eot`` gradient samples on ``n`` test images."""
+
+    enabled: bool = True
+    mask_ratio: float = 0.25
+    masks: int = 4
+    eot: int = 4
+    n: int = 64  # >= the test split: all test images
+    attacks: tuple = ()  # () = the same as DemoConfig.attacks
+
+
+@dataclass(frozen=True)
+class MAEPureDemo:
+    """MAE-Pure on a plain MAE (standard MAE pretraining on the train split) and the attacks through it."""
+
+    enabled: bool = True
+    mae_epochs: int = 25
+    mae_mask_ratio: float = 0.75
+    steps: int = 50
+    step_size: float = 4 / 255  # halved after S/2
+    eta: float = 32 / 255
+    mask_ratio: float = 0.5
+    masks: int = 1
+    n: int = 32  # the subset for MAE-Pure's attacks through the purifier (adaptive, BPDA+EOT)
+    oblivious_all: bool = False  # also MAE-Pure's oblivious rows on all n_eval images (cheap: no EOT)
+    attack_steps: int = 10  # PGD steps of the adaptive / BPDA attacks through MAE-Pure
+    eot: int = 2
+    aa_steps: int = 10  # AutoAttack-rand APGD steps through MAE-Pure (full demo)
+    attacks: tuple = ()  # () = the same as DemoConfig.attacks
+
+
+@dataclass(frozen=True)
+class MIMIRDemo:
+    """MIMIR ViT rows (maep_fast.train.mimir.MIMIRRecipe, the `maep-fast mimir` defaults; docs/mimir.md). Off in
+    the default demo (a useful robust ViT needs minutes of training there): `maep-fast mimir` trains it."""
+
+    enabled: bool = False
+    patch_size: int = 4  # 16 tokens (patch 2: 64 tokens, 4x the cost per step)
+    pretrain_epochs: int = 20
+    finetune_epochs: int = 15
+    train_eps: float = 16 / 255  # finetuning eps, ramped up from 0 over the first 30 % of the steps
+    steps: int = 3
+    trades_beta: float | None = 6.0
+    n: int = 360
+    train_n: int = 0  # 0 = the whole train split
+
+
+@dataclass
+class DemoConfig:
+    """The demo's settings: the shared ones here, one config per part of the demo.
+
+    The former flat names (``mp_n``, ``rand_eot``, ``aa_steps``, ``defended_epochs``, ``mimir_n``,
+    ``stage1_epochs``, the switches ``maep_rand``, ``mae_pure=True/False``, ``mimir=True/False``, ...)
+    still work as keyword arguments and attributes, with a DeprecationWarning; ``from_flat`` takes them
+    without one (for presets and a metrics.json "config"), ``to_flat`` gives them back.
+    """
+
+    image_size: int = 16
+    preset: str = "demo"
+    full: bool = False
+    classifier_epochs: int = 15
+    batch_size: int = 64
+    seed: int = 0
+    progress: bool = True
+    maep: MAEPDemo = field(default_factory=MAEPDemo)
     # evaluation (L-inf, step eps/4, random start)
     eval_eps: tuple = (16 / 255,)
     eval_steps: int = 20
     attacks: tuple = ("pgd",)  # pgd (ours) | ta-pgd (torchattacks PGD/EOTPGD) | autoattack (torchattacks)
-    aa_steps: int = 100  # AutoAttack's APGD/FAB iterations (its default 100)
-    aa_queries: int = 5000  # Square queries (AutoAttack's default 5000)
+    autoattack: AutoAttackDemo = field(default_factory=AutoAttackDemo)
     n_eval: int = 360  # the whole test split
-    # MAEP finetuned through itself (AttackConfig(target="defended")), from the MAEP above: pairs by PGD on
-    # classifier(MAEP(x)) at mask 0 with the current weights, a share of classifier-only pairs; 0 epochs = off
-    defended_epochs: int = 0
-    defended_steps: int = 3  # PGD steps of the pairs, step eps/2
-    defended_eps: float = 16 / 255
-    defended_classifier_frac: float = 0.3
-    defended_lr: float = 1e-3
-    defended_train_n: int = 0  # 0 = the whole train split
-    # MAEP with test-time randomness: mean of n_masks reconstructions at mask ratio r > 0
-    maep_rand: bool = True
-    rand_mask_ratio: float = 0.25
-    rand_masks: int = 4
-    rand_eot: int = 4
-    rand_n: int = 64  # >= the test split: all test images
-    rand_attacks: tuple = ()  # () = the same as ``attacks``
-    # plain MAE (standard MAE pretraining on the train split) for MAE-Pure
-    mae_pure: bool = True
-    mae_epochs: int = 25
-    mae_mask_ratio: float = 0.75
-    mp_steps: int = 50
-    mp_step_size: float = 4 / 255  # halved after S/2
-    mp_eta: float = 32 / 255
-    mp_mask_ratio: float = 0.5
-    mp_masks: int = 1
-    mp_n: int = 32  # the subset for MAE-Pure's attacks through the purifier (adaptive, BPDA+EOT)
-    mp_oblivious_all: bool = False  # also MAE-Pure's oblivious rows on all n_eval images (cheap: no EOT)
-    mp_attack_steps: int = 10  # PGD steps of the adaptive / BPDA attacks through MAE-Pure
-    mp_eot: int = 2
-    mp_aa_steps: int = 10  # AutoAttack-rand APGD steps through MAE-Pure (full demo)
-    mp_attacks: tuple = ()  # () = the same as ``attacks``
-    # MIMIR ViT rows (maep_fast.train.mimir.MIMIRRecipe, the `maep-fast mimir` defaults; docs/mimir.md). Off in
-    # the default demo (a useful robust ViT needs minutes of training there): `maep-fast mimir` trains it
-    mimir: bool = False
-    mimir_patch_size: int = 4  # 16 tokens (patch 2: 64 tokens, 4x the cost per step)
-    mimir_pretrain_epochs: int = 20
-    mimir_finetune_epochs: int = 15
-    mimir_train_eps: float = 16 / 255  # finetuning eps, ramped up from 0 over the first 30 % of the steps
-    mimir_steps: int = 3
-    mimir_trades_beta: float | None = 6.0
-    mimir_n: int = 360
-    mimir_train_n: int = 0  # 0 = the whole train split
+    defended: DefendedDemo = field(default_factory=DefendedDemo)
+    randomized: RandomizedDemo = field(default_factory=RandomizedDemo)
+    mae_pure: MAEPureDemo = field(default_factory=MAEPureDemo)
+    mimir: MIMIRDemo = field(default_factory=MIMIRDemo)
     notes: list = field(default_factory=list)
 
+    @classmethod
+    def from_flat(cls, *overrides: Mapping, **names) -> DemoConfig:
+        """The config from flat names (the former field names, as in ``QUICK``, ``FULL`` and metrics.json's
+        "config"): ``overrides`` merged left to right, then ``names``."""
+        flat = {k: v for o in (*overrides, names) for k, v in o.items()}
+        cfg = cls(**{k: v for k, v in flat.items() if not _is_flat_name(k, v)})
+        cfg._set_flat({k: v for k, v in flat.items() if _is_flat_name(k, v)})
+        return cfg
 
+    def to_flat(self) -> dict:
+        """Every setting under its flat name, in the former field order (metrics.json's "config")."""
+        out = {}
+        for name, value in asdict(self).items():
+            if name in _SECTIONS:
+                out.update({_flat_name(name, k): v for k, v in value.items()})
+            else:
+                out[name] = value
+        return out
+
+    def _set_flat(self, flat: Mapping) -> None:
+        changes: dict[str, dict] = {}
+        for name, value in flat.items():
+            section, key = _FLAT_NAMES[name]
+            changes.setdefault(section, {})[key] = value
+        for section, kw in changes.items():
+            object.__setattr__(self, section, replace(getattr(self, section), **kw))
+
+    def __getattr__(self, name: str):
+        if name in _FLAT_NAMES and name not in _SECTIONS:
+            _warn_flat(f"DemoConfig.{name}")
+            section, key = _FLAT_NAMES[name]
+            return getattr(getattr(self, section), key)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def __setattr__(self, name: str, value) -> None:
+        if _is_flat_name(name, value):
+            _warn_flat(f"DemoConfig.{name} = ...")
+            self._set_flat({name: value})
+        else:
+            object.__setattr__(self, name, value)
+
+
+_SECTIONS = {"maep": MAEPDemo, "autoattack": AutoAttackDemo, "defended": DefendedDemo, "randomized": RandomizedDemo,
+             "mae_pure": MAEPureDemo, "mimir": MIMIRDemo}
+# each section's former flat names: its prefix, and the name of its on/off switch (``enabled``)
+_FLAT_PREFIX = {"maep": ("", None), "autoattack": ("aa_", None), "defended": ("defended_", None),
+                "randomized": ("rand_", "maep_rand"), "mae_pure": ("mp_", "mae_pure"), "mimir": ("mimir_", "mimir")}
+
+
+def _flat_name(section: str, key: str) -> str:
+    prefix, switch = _FLAT_PREFIX[section]
+    if key == "enabled":
+        return switch
+    return key if key.startswith("mae_") else prefix + key  # the plain MAE's mae_epochs, mae_mask_ratio
+
+
+_FLAT_NAMES = {_flat_name(s, f.name): (s, f.name) for s, typ in _SECTIONS.items() for f in fields(typ)}
+
+
+def _is_flat_name(name: str, value) -> bool:
+    """A former flat name; ``mae_pure`` and ``mimir`` are one only with a bool (else the section itself)."""
+    return name in _FLAT_NAMES and not (name in _SECTIONS and isinstance(value, _SECTIONS[name]))
+
+
+def _warn_flat(what: str) -> None:
+    warnings.warn(f"{what}: the flat DemoConfig names are deprecated; use the sections (DemoConfig(maep=MAEPDemo("
+                  "...), mae_pure=MAEPureDemo(n=...), ...)) or DemoConfig.from_flat", DeprecationWarning, stacklevel=3)
+
+
+def _accept_flat_names(init):
+    @functools.wraps(init)
+    def __init__(self, *args, **kwargs):
+        flat = {k: kwargs.pop(k) for k in list(kwargs) if _is_flat_name(k, kwargs[k])}
+        init(self, *args, **kwargs)
+        if flat:
+            _warn_flat(f"DemoConfig({', '.join(f'{k}=...' for k in flat)})")
+            self._set_flat(flat)
+
+    return __init__
+
+
+DemoConfig.__init__ = _accept_flat_names(DemoConfig.__init__)
+
+
+# the presets: overrides under the flat names, for DemoConfig.from_flat
 QUICK = dict(classifier_epochs=1, stage1_epochs=1, stage2_epochs=1, train_steps=1, eval_steps=2, n_eval=32,
              rand_masks=2, rand_eot=1, rand_n=16, mae_epochs=1, mp_steps=2, mp_n=8, mp_attack_steps=1, mp_eot=1,
              mimir_pretrain_epochs=1, mimir_finetune_epochs=1, mimir_steps=1, mimir_n=32, mimir_train_n=128,
@@ -156,8 +297,41 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def run_demo(out_dir: str | Path = "runs/demo", cfg: DemoConfig | None = None) -> dict:
-    cfg = cfg or DemoConfig()
+Sections = dict[str, dict]
+
+
+@dataclass
+class DemoState:
+    """What the stages share: the output folder, the data, what the stages trained and built, the report
+    sections so far (in report order) and the seconds each step took."""
+
+    out: Path
+    train: ImageDataset
+    test: ImageDataset
+    say: Callable[..., None]
+    started: float
+    seconds: dict[str, float] = field(default_factory=dict)
+    sections: Sections = field(default_factory=dict)
+    classifier: torch.nn.Module | None = None
+    maep: torch.nn.Module | None = None
+    maep_history: list = field(default_factory=list)
+    mae: torch.nn.Module | None = None
+    defended: torch.nn.Module | None = None
+    vit: torch.nn.Module | None = None
+    ev: ImageDataset | None = None  # the MAEP section's test images (all n_eval)
+    purifier: Purifier | None = None
+    mae_purifier: torch.nn.Module | None = None  # MAE-Pure on the plain MAE
+
+    @contextmanager
+    def timed(self, name: str) -> Iterator[None]:
+        """Records the seconds the block took as ``seconds[name]``."""
+        t = time.perf_counter()
+        yield
+        self.seconds[name] = round(time.perf_counter() - t, 1)
+
+
+def start(out_dir: str | Path, cfg: DemoConfig) -> DemoState:
+    """Makes the output folder, seeds every RNG, loads the embedded digits and says what runs."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     set_seed(cfg.seed)
@@ -167,166 +341,196 @@ def run_demo(out_dir: str | Path = "runs/demo", cfg: DemoConfig | None = None) -
     say = print if cfg.progress else (lambda *a, **k: None)
     say(f"data: embedded digits {len(train)} train / {len(test)} test, {cfg.image_size}x{cfg.image_size} grayscale"
         f" ({'full' if cfg.full else 'default'} demo, {torch.get_num_threads()} thread(s))")
-    seconds: dict[str, float] = {}
+    return DemoState(out=out, train=train, test=test, say=say, started=t0)
 
-    def lap(name: str, t: float) -> None:
-        seconds[name] = round(time.perf_counter() - t, 1)
 
-    t = time.perf_counter()
-    classifier = SmallCNN(in_chans=1, num_classes=10)
-    train_classifier(classifier, train, LoopConfig(epochs=cfg.classifier_epochs, batch_size=cfg.batch_size, lr=2e-3,
-                                                   weight_decay=5e-4, seed=cfg.seed, progress=cfg.progress, desc="classifier"))
-    for p in classifier.parameters():
-        p.requires_grad_(False)
-    classifier.eval()
-    lap("classifier", t)
-    say(f"classifier: test accuracy {100 * accuracy(classifier, test.images, test.labels):.2f}%")
+def stage_classifier(cfg: DemoConfig, state: DemoState) -> Sections:
+    """Trains the SmallCNN classifier on the train split and freezes it; no section."""
+    with state.timed("classifier"):
+        classifier = SmallCNN(in_chans=1, num_classes=10)
+        train_classifier(classifier, state.train, LoopConfig(
+            epochs=cfg.classifier_epochs, batch_size=cfg.batch_size, lr=2e-3, weight_decay=5e-4, seed=cfg.seed,
+            progress=cfg.progress, desc="classifier"))
+        for p in classifier.parameters():
+            p.requires_grad_(False)
+        state.classifier = classifier.eval()
+    state.say(f"classifier: test accuracy {100 * accuracy(classifier, state.test.images, state.test.labels):.2f}%")
+    return {}
 
-    t = time.perf_counter()
-    set_seed(cfg.seed)
-    model = create_mae(cfg.preset, img_size=cfg.image_size)
-    step = cfg.train_eps / 4 if cfg.train_steps > 1 else cfg.train_eps
-    mcfg = MAEPConfig(
-        attack=AttackConfig(norm="linf", eps=cfg.train_eps, step_size=step, steps=cfg.train_steps,
-                            eps_min=cfg.train_eps_min),
-        stage1=LoopConfig(epochs=cfg.stage1_epochs, batch_size=cfg.batch_size, lr=2e-3, seed=cfg.seed,
-                          progress=cfg.progress, desc="MAEP stage 1"),
-        stage2=LoopConfig(epochs=cfg.stage2_epochs, batch_size=cfg.batch_size, lr=1e-3, warmup_epochs=0.5,
-                          seed=cfg.seed + 1, progress=cfg.progress, desc="MAEP stage 2 (LoRA)"),
-        w_cls=cfg.w_cls, clean_frac=cfg.clean_frac,
-    )
-    history = train_maep(model, train, mcfg, classifier)
-    model.eval()
-    lap("maep_train", t)
 
-    mae = None
-    if cfg.mae_pure:
-        t = time.perf_counter()
+def stage_maep(cfg: DemoConfig, state: DemoState) -> Sections:
+    """Trains the MAEP purifier (stage 1 on PGD pairs against the classifier, stage 2 decoder LoRA); no section."""
+    m = cfg.maep
+    with state.timed("maep_train"):
+        set_seed(cfg.seed)
+        model = create_mae(cfg.preset, img_size=cfg.image_size)
+        step = m.train_eps / 4 if m.train_steps > 1 else m.train_eps
+        mcfg = MAEPConfig(
+            attack=AttackConfig(norm="linf", eps=m.train_eps, step_size=step, steps=m.train_steps,
+                                eps_min=m.train_eps_min),
+            stage1=LoopConfig(epochs=m.stage1_epochs, batch_size=cfg.batch_size, lr=2e-3, seed=cfg.seed,
+                              progress=cfg.progress, desc="MAEP stage 1"),
+            stage2=LoopConfig(epochs=m.stage2_epochs, batch_size=cfg.batch_size, lr=1e-3, warmup_epochs=0.5,
+                              seed=cfg.seed + 1, progress=cfg.progress, desc="MAEP stage 2 (LoRA)"),
+            w_cls=m.w_cls, clean_frac=m.clean_frac,
+        )
+        state.maep_history = train_maep(model, state.train, mcfg, state.classifier)
+        state.maep = model.eval()
+    return {}
+
+
+def stage_plain_mae(cfg: DemoConfig, state: DemoState) -> Sections:
+    """Pretrains the plain MAE MAE-Pure runs on (standard MAE objective, pixel targets); no section."""
+    mp = cfg.mae_pure
+    if not mp.enabled:
+        return {}
+    with state.timed("mae_pretrain"):
         set_seed(cfg.seed)
         mae = create_mae(cfg.preset, img_size=cfg.image_size)  # plain MAE, pixel targets (MAE-Pure reconstructs pixels)
-        mae_hist = train_mae(mae, train, MAEPretrainConfig(mask_ratio=cfg.mae_mask_ratio, loop=LoopConfig(
-            epochs=cfg.mae_epochs, batch_size=cfg.batch_size, lr=2e-3, warmup_epochs=2.0, seed=cfg.seed,
+        mae_hist = train_mae(mae, state.train, MAEPretrainConfig(mask_ratio=mp.mae_mask_ratio, loop=LoopConfig(
+            epochs=mp.mae_epochs, batch_size=cfg.batch_size, lr=2e-3, warmup_epochs=2.0, seed=cfg.seed,
             progress=cfg.progress, desc="MAE pretrain")))
-        mae.eval()
-        lap("mae_pretrain", t)
-        say(f"plain MAE: masked reconstruction loss {mae_hist[-1]['loss']:.4f} after {cfg.mae_epochs} epochs"
-            if mae_hist else "plain MAE: not trained")
+        state.mae = mae.eval()
+    state.say(f"plain MAE: masked reconstruction loss {mae_hist[-1]['loss']:.4f} after {mp.mae_epochs} epochs"
+              if mae_hist else "plain MAE: not trained")
+    return {}
 
-    sections: dict[str, dict] = {}
-    eps_list = sorted(cfg.eval_eps)
-    # 1. MAEP, deterministic single pass, all n_eval test images
-    t = time.perf_counter()
-    ev = test.subset(cfg.n_eval) if cfg.n_eval < len(test) else test
-    purifier = Purifier(model)
-    sections["maep"] = _sweep(cfg, classifier, purifier, ev, defense="MAEP", randomized=False,
-                              threat_models=("oblivious", "adaptive-full-gradient"), eot=1, steps=cfg.eval_steps,
-                              note=f"MAEP stage 1 {cfg.stage1_epochs} ep on PGD-{cfg.train_steps} pairs at eps "
-                                   f"{_train_eps_words(cfg)} (mask 0.5) + stage 2 {cfg.stage2_epochs} ep decoder "
-                                   f"LoRA at mask 0; {_loss_words(cfg)}; one deterministic pass at mask 0")
-    lap("eval_maep", t)
-    # 1b. MAEP finetuned through itself
-    defended = None
-    if cfg.defended_epochs > 0:
-        t = time.perf_counter()
-        defended = _train_defended(cfg, model, classifier, train)
-        lap("maep_defended_train", t)
-        t = time.perf_counter()
-        sections["maep_defended"] = _sweep(
-            cfg, classifier, Purifier(defended), ev, defense="MAEP (through itself)", randomized=False,
-            threat_models=("oblivious", "adaptive-full-gradient"), eot=1, steps=cfg.eval_steps,
-            note=f"the MAEP above, finetuned {cfg.defended_epochs} ep at mask 0 on PGD-{cfg.defended_steps} pairs "
-                 f"made through classifier(MAEP(x)) at eps {cfg.defended_eps * 255:.0f}/255 "
-                 f"({100 * cfg.defended_classifier_frac:.0f} % of batches against the classifier alone), "
-                 f"loss l1 + MSE + {max(cfg.w_cls, 1.0):g} x KL classification loss on the purified output, "
-                 f"{max(cfg.clean_frac, 0.2):.0%} clean inputs; one deterministic pass at mask 0")
-        lap("eval_maep_defended", t)
-    # 2. MAEP with test-time randomness
-    if cfg.maep_rand:
-        t = time.perf_counter()
+
+def stage_eval_maep(cfg: DemoConfig, state: DemoState) -> Sections:
+    """Section ``maep``: the deterministic MAEP (one pass at mask 0), oblivious and adaptive, on all n_eval
+    test images."""
+    m = cfg.maep
+    with state.timed("eval_maep"):
+        state.ev = state.test.subset(cfg.n_eval) if cfg.n_eval < len(state.test) else state.test
+        state.purifier = Purifier(state.maep)
+        section = _sweep(cfg, state.classifier, state.purifier, state.ev, defense="MAEP", randomized=False,
+                         threat_models=(OBLIVIOUS, ADAPTIVE), eot=1, steps=cfg.eval_steps,
+                         note=f"MAEP stage 1 {m.stage1_epochs} ep on PGD-{m.train_steps} pairs at eps "
+                              f"{_train_eps_words(m)} (mask 0.5) + stage 2 {m.stage2_epochs} ep decoder "
+                              f"LoRA at mask 0; {_loss_words(m)}; one deterministic pass at mask 0")
+    return {"maep": section}
+
+
+def stage_maep_defended(cfg: DemoConfig, state: DemoState) -> Sections:
+    """Section ``maep_defended`` (when ``cfg.defended.epochs`` > 0): a copy of the MAEP finetuned through
+    itself, then evaluated as ``stage_eval_maep`` does."""
+    d = cfg.defended
+    if d.epochs <= 0:
+        return {}
+    with state.timed("maep_defended_train"):
+        state.defended = _train_defended(cfg, state.maep, state.classifier, state.train)
+    with state.timed("eval_maep_defended"):
+        section = _sweep(
+            cfg, state.classifier, Purifier(state.defended), state.ev, defense="MAEP (through itself)",
+            randomized=False, threat_models=(OBLIVIOUS, ADAPTIVE), eot=1, steps=cfg.eval_steps,
+            note=f"the MAEP above, finetuned {d.epochs} ep at mask 0 on PGD-{d.steps} pairs "
+                 f"made through classifier(MAEP(x)) at eps {d.eps * 255:.0f}/255 "
+                 f"({100 * d.classifier_frac:.0f} % of batches against the classifier alone), "
+                 f"loss l1 + MSE + {max(cfg.maep.w_cls, 1.0):g} x KL classification loss on the purified output, "
+                 f"{max(cfg.maep.clean_frac, 0.2):.0%} clean inputs; one deterministic pass at mask 0")
+    return {"maep_defended": section}
+
+
+def stage_maep_rand(cfg: DemoConfig, state: DemoState) -> Sections:
+    """Section ``maep_rand``: the same MAEP with test-time randomness (mean of several reconstructions at a
+    mask ratio > 0), oblivious and adaptive with EOT, on a fixed test subset."""
+    r = cfg.randomized
+    if not r.enabled:
+        return {}
+    with state.timed("eval_maep_rand"):
         # a subset as large as ev is ev itself: rows with the same n are on the same images (the table dedup relies on it)
-        ev_r = ev if cfg.rand_n >= len(ev) else test.subset(cfg.rand_n, seed=cfg.seed)
-        rnd = _RandomizedMAEP(model, cfg.rand_mask_ratio, cfg.rand_masks)
-        sections["maep_rand"] = _sweep(cfg, classifier, rnd, ev_r, defense=f"MAEP-rand", randomized=True,
-                                       attacks=cfg.rand_attacks or cfg.attacks,
-                                       threat_models=("oblivious", "adaptive-full-gradient"), eot=cfg.rand_eot,
-                                       steps=cfg.eval_steps,
-                                       note=f"the same MAEP model, mean of {cfg.rand_masks} reconstructions at mask "
-                                            f"ratio {cfg.rand_mask_ratio} (fresh masks every call); fixed subset of "
-                                            f"{len(ev_r)} test images")
-        lap("eval_maep_rand", t)
-    # 3. MAE-Pure on the plain MAE
-    mp = None
-    if cfg.mae_pure:
-        from maep_fast.purify.mae_pure import MAEPure
+        ev_r = state.ev if r.n >= len(state.ev) else state.test.subset(r.n, seed=cfg.seed)
+        rnd = _RandomizedMAEP(state.maep, r.mask_ratio, r.masks)
+        section = _sweep(cfg, state.classifier, rnd, ev_r, defense="MAEP-rand", randomized=True,
+                         attacks=r.attacks or cfg.attacks, threat_models=(OBLIVIOUS, ADAPTIVE), eot=r.eot,
+                         steps=cfg.eval_steps,
+                         note=f"the same MAEP model, mean of {r.masks} reconstructions at mask ratio {r.mask_ratio} "
+                              f"(fresh masks every call); fixed subset of {len(ev_r)} test images")
+    return {"maep_rand": section}
 
-        t = time.perf_counter()
-        ev_m = ev if cfg.mp_n >= len(ev) else test.subset(cfg.mp_n, seed=cfg.seed)
-        mp = MAEPure(mae, steps=cfg.mp_steps, step_size=cfg.mp_step_size, halve_step=True, eta=cfg.mp_eta,
-                     mask_ratio=cfg.mp_mask_ratio, n_masks=cfg.mp_masks)
-        sections["mae_pure"] = _sweep(cfg, classifier, mp, ev_m, defense="MAE-Pure", randomized=True,
-                                      attacks=cfg.mp_attacks or cfg.attacks,
-                                      threat_models=("oblivious", "adaptive-full-gradient", "bpda-eot"),
-                                      eot=cfg.mp_eot, steps=cfg.mp_attack_steps, aa_steps=cfg.mp_aa_steps,
-                                      note=f"plain MAE ({cfg.preset} preset, MAE pretraining {cfg.mae_epochs} ep, mask "
-                                           f"{cfg.mae_mask_ratio}); MAE-Pure S={cfg.mp_steps}, step "
-                                           f"{cfg.mp_step_size * 255:.0f}/255 halved after S/2, eta "
-                                           f"{cfg.mp_eta * 255:.0f}/255, mask {cfg.mp_mask_ratio}, {cfg.mp_masks} "
-                                           f"mask(s)/step; fixed subset of {len(ev_m)} test images")
-        if cfg.mp_oblivious_all and len(ev_m) < len(ev):
-            # the oblivious rows need no gradient through the purifier: all n_eval images
-            sections["mae_pure_all"] = _sweep(cfg, classifier, mp, ev, defense="MAE-Pure", randomized=True,
-                                              attacks=cfg.mp_attacks or cfg.attacks, threat_models=("oblivious",),
-                                              eot=1, steps=cfg.mp_attack_steps, aa_steps=cfg.mp_aa_steps,
-                                              note=sections["mae_pure"]["note"].replace(
-                                                  f"fixed subset of {len(ev_m)} test images",
-                                                  f"all {len(ev)} test images, oblivious only"))
-        sections["mae_pure"]["amv"] = _amv(cfg, classifier, mae, mp, ev_m, out)
-        lap("eval_mae_pure", t)
-    vit = None
-    if cfg.mimir:
-        t = time.perf_counter()
-        mimir_section, _, vit = _mimir_rows(cfg, classifier, train, test)
-        sections["mimir"] = mimir_section
-        lap("mimir", t)
-    else:
-        say(f"MIMIR ViT: not in this demo; train it with `{MIMIR_COMMAND}` (docs/mimir.md), or run `maep-fast demo "
-            "--full`")
 
-    if "mae_pure_all" in sections:  # all-images rows before the subset's
-        order = [k for k in sections if k != "mae_pure"]
-        order.insert(order.index("mae_pure_all") + 1, "mae_pure")
-        sections = {k: sections[k] for k in order}
-    rows = []
-    for sec in sections.values():  # each clean row once; the undefended baseline once per attack on the same images
-        rows += [r for r in sec["rows"] if not ((r["threat_model"] == "none" or r["defense"].startswith("no defense"))
-                                                and any(_same_row(q, r) for q in rows))]
+def stage_mae_pure(cfg: DemoConfig, state: DemoState) -> Sections:
+    """Section ``mae_pure``: MAE-Pure on the plain MAE, oblivious, adaptive with EOT and BPDA+EOT on a fixed
+    test subset, with the decoder's attention variation; before it (``oblivious_all``) section
+    ``mae_pure_all``: the oblivious rows on all n_eval images."""
+    mp = cfg.mae_pure
+    if not mp.enabled:
+        return {}
+    from maep_fast.purify.mae_pure import MAEPure
+
+    ev, test = state.ev, state.test
+    with state.timed("eval_mae_pure"):
+        ev_m = ev if mp.n >= len(ev) else test.subset(mp.n, seed=cfg.seed)
+        state.mae_purifier = MAEPure(state.mae, steps=mp.steps, step_size=mp.step_size, halve_step=True, eta=mp.eta,
+                                     mask_ratio=mp.mask_ratio, n_masks=mp.masks)
+        sweep = functools.partial(_sweep, cfg, state.classifier, state.mae_purifier, defense="MAE-Pure",
+                                  randomized=True, attacks=mp.attacks or cfg.attacks, steps=mp.attack_steps,
+                                  aa_steps=mp.aa_steps)
+        subset = sweep(ev_m, threat_models=(OBLIVIOUS, ADAPTIVE, BPDA_EOT), eot=mp.eot,
+                       note=f"plain MAE ({cfg.preset} preset, MAE pretraining {mp.mae_epochs} ep, mask "
+                            f"{mp.mae_mask_ratio}); MAE-Pure S={mp.steps}, step {mp.step_size * 255:.0f}/255 halved "
+                            f"after S/2, eta {mp.eta * 255:.0f}/255, mask {mp.mask_ratio}, {mp.masks} mask(s)/step; "
+                            f"fixed subset of {len(ev_m)} test images")
+        sections = {}
+        if mp.oblivious_all and len(ev_m) < len(ev):
+            # the oblivious rows need no gradient through the purifier: all n_eval images, listed first
+            sections["mae_pure_all"] = sweep(ev, threat_models=(OBLIVIOUS,), eot=1, note=subset["note"].replace(
+                f"fixed subset of {len(ev_m)} test images", f"all {len(ev)} test images, oblivious only"))
+        subset["amv"] = _amv(cfg, state.classifier, state.mae, state.mae_purifier, ev_m, state.out)
+        sections["mae_pure"] = subset
+    return sections
+
+
+def stage_mimir(cfg: DemoConfig, state: DemoState) -> Sections:
+    """Section ``mimir`` (when ``cfg.mimir.enabled``): the MIMIR ViT trained and attacked (``_mimir_rows``);
+    otherwise says how to train it."""
+    if not cfg.mimir.enabled:
+        state.say(f"MIMIR ViT: not in this demo; train it with `{MIMIR_COMMAND}` (docs/mimir.md), or run "
+                  "`maep-fast demo --full`")
+        return {}
+    with state.timed("mimir"):
+        section, _, state.vit = _mimir_rows(cfg, state.classifier, state.train, state.test)
+    return {"mimir": section}
+
+
+STAGES: tuple[Callable[[DemoConfig, DemoState], Sections], ...] = (
+    stage_classifier, stage_maep, stage_plain_mae, stage_eval_maep, stage_maep_defended, stage_maep_rand,
+    stage_mae_pure, stage_mimir)
+
+
+def run_demo(out_dir: str | Path = "runs/demo", cfg: DemoConfig | None = None) -> dict:
+    """Runs every stage of ``STAGES`` in order on one shared state, then writes the report (``write_report``);
+    returns the metrics written to ``<out_dir>/metrics.json``."""
+    cfg = cfg or DemoConfig()
+    state = start(out_dir, cfg)
+    for stage in STAGES:
+        state.sections.update(stage(cfg, state))
+    return write_report(cfg, state)
+
+
+def write_report(cfg: DemoConfig, state: DemoState) -> dict:
+    """Merges the sections' rows, writes table.md, acc_vs_eps.png, grid.png, the checkpoints and metrics.json,
+    prints the table and the sanity checks; returns the metrics."""
+    out, sections = state.out, state.sections
+    rows = _merge_rows(sections)
     sanity = [c for sec in sections.values() for c in sec.get("sanity", [])]
     table = markdown_table(rows)
     (out / "table.md").write_text(table + "\n")
-    pgd_rows = [_plot_label(r, len(ev)) for k, sec in sections.items() if k != "mimir" for r in sec["rows"]
-                if r["attack"] in ("none", f"PGD-{cfg.eval_steps}", f"PGD-{cfg.mp_attack_steps}")]
+    pgd_names = (NO_ATTACK, attack_name("pgd", cfg.eval_steps), attack_name("pgd", cfg.mae_pure.attack_steps))
+    pgd_rows = [_plot_label(r, len(state.ev)) for k, sec in sections.items() if k != "mimir" for r in sec["rows"]
+                if r["attack"] in pgd_names]
     save_accuracy_vs_eps_plot(pgd_rows, out / "acc_vs_eps.png",
                               title=f"digits, L-inf, our PGD ({'full' if cfg.full else 'default'} demo)")
-    _grid(cfg, classifier, purifier, mp, test, out / "grid.png")
-    save_model(classifier, out / "classifier", meta={"data": "digits", "image_size": cfg.image_size})
-    save_model(model, out / "maep", meta={"data": "digits", "image_size": cfg.image_size, "trained": "MAEP stage 1 + 2"})
-    if defended is not None:
-        save_model(defended, out / "maep_defended", meta={"data": "digits", "image_size": cfg.image_size,
-                                                          "trained": sections["maep_defended"]["note"]})
-    if mae is not None:
-        save_model(mae, out / "mae", meta={"data": "digits", "image_size": cfg.image_size,
-                                            "trained": f"MAE pretraining {cfg.mae_epochs} epochs, mask {cfg.mae_mask_ratio}"})
-    if vit is not None:
-        save_model(vit, out / "mimir_vit", meta={"data": "digits", "image_size": cfg.image_size,
-                                                 "trained": sections["mimir"]["description"]})
-    seconds["total"] = round(time.perf_counter() - t0, 1)
+    _grid(cfg, state.classifier, state.purifier, state.mae_purifier, state.test, out / "grid.png")
+    _save_checkpoints(cfg, state)
+    state.seconds["total"] = round(time.perf_counter() - state.started, 1)
     metrics = {
         "rows": rows,
         "sanity": sanity,
         "sections": {k: {kk: vv for kk, vv in v.items() if kk != "rows"} for k, v in sections.items()},
-        "config": asdict(cfg),
-        "maep_history": history,
-        "seconds": seconds,
+        "config": cfg.to_flat(),
+        "maep_history": state.maep_history,
+        "seconds": state.seconds,
         "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads(),
                     "native_extension": native_available()},
     }
@@ -336,9 +540,34 @@ def run_demo(out_dir: str | Path = "runs/demo", cfg: DemoConfig | None = None) -
     print(f"\nsanity checks: {len(sanity) - len(failed)} passed, {len(failed)} failed (all in metrics.json)")
     for c in failed:
         print(f"[sanity FAIL] {c['check']}: {c['message']}")
-    print(f"\nseconds: {seconds}")
+    print(f"\nseconds: {state.seconds}")
     print(f"wrote {out / 'metrics.json'}, {out / 'table.md'}, {out / 'acc_vs_eps.png'}, {out / 'grid.png'} and the checkpoints")
     return metrics
+
+
+def _merge_rows(sections: Sections) -> list[dict]:
+    """The sections' rows in order; each clean row once, the undefended baseline once per attack on the same images."""
+    rows: list[dict] = []
+    for sec in sections.values():
+        rows += [r for r in sec["rows"] if not ((r["threat_model"] == NO_ATTACK or r["defense"].startswith("no defense"))
+                                                and any(_same_row(q, r) for q in rows))]
+    return rows
+
+
+def _save_checkpoints(cfg: DemoConfig, state: DemoState) -> None:
+    """classifier, maep and, when trained, maep_defended, mae and mimir_vit under the output folder."""
+    out, sections = state.out, state.sections
+    meta = {"data": "digits", "image_size": cfg.image_size}
+    save_model(state.classifier, out / "classifier", meta=dict(meta))
+    save_model(state.maep, out / "maep", meta={**meta, "trained": "MAEP stage 1 + 2"})
+    if state.defended is not None:
+        save_model(state.defended, out / "maep_defended", meta={**meta, "trained": sections["maep_defended"]["note"]})
+    if state.mae is not None:
+        mp = cfg.mae_pure
+        save_model(state.mae, out / "mae",
+                   meta={**meta, "trained": f"MAE pretraining {mp.mae_epochs} epochs, mask {mp.mae_mask_ratio}"})
+    if state.vit is not None:
+        save_model(state.vit, out / "mimir_vit", meta={**meta, "trained": sections["mimir"]["description"]})
 
 
 def _same_row(a: dict, b: dict) -> bool:
@@ -353,18 +582,18 @@ def _plot_label(row: dict, n_all: int) -> dict:
     return row
 
 
-def _train_eps_words(cfg: DemoConfig) -> str:
-    if cfg.train_eps_min is None:
-        return f"{cfg.train_eps * 255:.0f}/255"
-    return f"U[{cfg.train_eps_min * 255:.0f}, {cfg.train_eps * 255:.0f}]/255 per batch"
+def _train_eps_words(m: MAEPDemo) -> str:
+    if m.train_eps_min is None:
+        return f"{m.train_eps * 255:.0f}/255"
+    return f"U[{m.train_eps_min * 255:.0f}, {m.train_eps * 255:.0f}]/255 per batch"
 
 
-def _loss_words(cfg: DemoConfig) -> str:
+def _loss_words(m: MAEPDemo) -> str:
     words = "loss l1 + masked MSE (the paper's)"
-    if cfg.w_cls:
-        words += f" + {cfg.w_cls:g} x KL classifier guidance"
-    if cfg.clean_frac:
-        words += f", {cfg.clean_frac:.0%} clean inputs"
+    if m.w_cls:
+        words += f" + {m.w_cls:g} x KL classifier guidance"
+    if m.clean_frac:
+        words += f", {m.clean_frac:.0%} clean inputs"
     return words
 
 
@@ -377,16 +606,15 @@ def _train_defended(cfg: DemoConfig, model, classifier, train):
         p.requires_grad_(True)
     for name in ("pos_embed", "decoder_pos_embed"):
         getattr(defended, name).requires_grad_(False)
-    data = train if not cfg.defended_train_n or cfg.defended_train_n >= len(train) else \
-        train.subset(cfg.defended_train_n, seed=cfg.seed)
+    d = cfg.defended
+    data = train if not d.train_n or d.train_n >= len(train) else train.subset(d.train_n, seed=cfg.seed)
     set_seed(cfg.seed)
-    eps = cfg.defended_eps
+    eps = d.eps
     dcfg = MAEPConfig(
-        mask_ratio=0.0, w_cls=max(cfg.w_cls, 1.0), clean_frac=max(cfg.clean_frac, 0.2),
-        attack=AttackConfig(norm="linf", eps=eps, step_size=eps / 2 if cfg.defended_steps > 1 else eps,
-                            steps=cfg.defended_steps, target="defended",
-                            classifier_frac=cfg.defended_classifier_frac),
-        stage1=LoopConfig(epochs=cfg.defended_epochs, batch_size=cfg.batch_size, lr=cfg.defended_lr, seed=cfg.seed,
+        mask_ratio=0.0, w_cls=max(cfg.maep.w_cls, 1.0), clean_frac=max(cfg.maep.clean_frac, 0.2),
+        attack=AttackConfig(norm="linf", eps=eps, step_size=eps / 2 if d.steps > 1 else eps,
+                            steps=d.steps, target="defended", classifier_frac=d.classifier_frac),
+        stage1=LoopConfig(epochs=d.epochs, batch_size=cfg.batch_size, lr=d.lr, seed=cfg.seed,
                           progress=cfg.progress, desc="MAEP through itself"),
         stage2=LoopConfig(epochs=0, progress=False))
     train_maep(defended, data, dcfg, classifier)
@@ -400,21 +628,20 @@ def _sweep(cfg: DemoConfig, classifier, purifier, ev, *, defense: str, randomize
     rows, sanity, settings = [], [], []
     base = "no defense" if len(ev) == cfg.n_eval else f"no defense (n={len(ev)})"
     for a in attacks or cfg.attacks:
-        kw = dict(threat_models=list(threat_models), attack=a, norm="linf", steps=steps, eot=eot,
-                  version="rand" if randomized else "standard", seed=cfg.seed, defense=defense,
-                  n_classes=10, n_queries=cfg.aa_queries, progress=cfg.progress)
-        if a == "autoattack":
-            kw["steps"] = aa_steps or cfg.aa_steps
-            if not randomized:
-                kw["eot"] = None
+        aa = a == "autoattack"
+        config = EvalConfig(threat_models=tuple(threat_models), attack=a, norm="linf",
+                            steps=(aa_steps or cfg.autoattack.steps) if aa else steps,
+                            eot=None if aa and not randomized else eot, version="rand" if randomized else "standard",
+                            seed=cfg.seed, defense=defense, n_classes=10, n_queries=cfg.autoattack.queries,
+                            progress=cfg.progress)
         torch.manual_seed(cfg.seed)
-        rep = accuracy_vs_eps(classifier, purifier, ev.images, ev.labels, sorted(cfg.eval_eps), **kw)
+        rep = accuracy_vs_eps(classifier, purifier, ev.images, ev.labels, sorted(cfg.eval_eps), config)
         for r in rep["rows"]:
             if r["defense"] == "none":
                 r["defense"] = base
             r["note"] = note
-        rows += [r for r in rep["rows"] if not (r["threat_model"] == "none" and any(
-            q["threat_model"] == "none" and q["defense"] == r["defense"] for q in rows))]
+        rows += [r for r in rep["rows"] if not (r["threat_model"] == NO_ATTACK and any(
+            q["threat_model"] == NO_ATTACK and q["defense"] == r["defense"] for q in rows))]
         sanity += rep["sanity"]
         settings.append(rep["settings"])
     return {"rows": rows, "sanity": sanity, "settings": settings, "note": note}
@@ -450,7 +677,7 @@ def _amv(cfg: DemoConfig, classifier, mae, mp, ev, out: Path) -> dict:
     x_pur = mp.purify(x_adv)
     amv_adv = save_amv_heatmap(mae, x, x_adv, out / "amv.png", x_purified=x_pur)
     amv_pur = attention_matrix_variation(mae, x, x_pur)
-    return {"n": k, "attack": f"PGD-{cfg.eval_steps} oblivious at {eps * 255:.0f}/255",
+    return {"n": k, "attack": f"{attack_name('pgd', cfg.eval_steps)} {OBLIVIOUS} at {eps * 255:.0f}/255",
             "adversarial": amv_adv.tolist(), "purified": amv_pur.tolist(), "mask_ratio": 0.0}
 
 
@@ -461,37 +688,34 @@ def _mimir_rows(cfg: DemoConfig, classifier, train, test):
     from maep_fast.train.mimir import MIMIRRecipe, train_mimir_vit
 
     t = time.perf_counter()
-    if cfg.mimir_train_n and cfg.mimir_train_n < len(train):
-        train = train.subset(cfg.mimir_train_n, seed=cfg.seed)
-    recipe = MIMIRRecipe(img_size=cfg.image_size, patch_size=cfg.mimir_patch_size,
-                         pretrain_epochs=cfg.mimir_pretrain_epochs, finetune_epochs=cfg.mimir_finetune_epochs,
-                         eps=cfg.mimir_train_eps, steps=cfg.mimir_steps, trades_beta=cfg.mimir_trades_beta,
-                         seed=cfg.seed)
+    mc = cfg.mimir
+    if mc.train_n and mc.train_n < len(train):
+        train = train.subset(mc.train_n, seed=cfg.seed)
+    recipe = MIMIRRecipe(img_size=cfg.image_size, patch_size=mc.patch_size, pretrain_epochs=mc.pretrain_epochs,
+                         finetune_epochs=mc.finetune_epochs, eps=mc.train_eps, steps=mc.steps,
+                         trades_beta=mc.trades_beta, seed=cfg.seed)
     vit, _, info = train_mimir_vit(train, recipe, progress=cfg.progress)
     for p in vit.parameters():
         p.requires_grad_(False)
     vit.eval()
-    ev = test.subset(cfg.mimir_n, seed=cfg.seed) if cfg.mimir_n < len(test) else test
+    ev = test.subset(mc.n, seed=cfg.seed) if mc.n < len(test) else test
     x, y = ev.images, ev.labels
     n = len(ev)
     name = "MIMIR ViT"
     ft = recipe.describe()
 
     def row(tm, acc, eps, note):
-        attacked = tm != "none"
-        return {"defense": name, "threat_model": tm, "attack": f"PGD-{cfg.eval_steps}" if attacked else "none",
-                "norm": "linf" if attacked else None, "eps": eps if attacked else 0.0,
-                "steps": cfg.eval_steps if attacked else 0, "step_size": eps / 4 if attacked else 0.0,
-                "eot": 1 if attacked else 0, "n": n, "seed": cfg.seed, "accuracy": acc, "note": note}
+        return result_row(name, tm, acc, n=n, seed=cfg.seed, attack=attack_name("pgd", cfg.eval_steps), norm="linf",
+                          eps=eps, steps=cfg.eval_steps, step_size=eps / 4, eot=1, note=note)
 
-    rows = [row("none", accuracy(vit, x, y), 0.0, ft)]
+    rows = [row(NO_ATTACK, accuracy(vit, x, y), 0.0, ft)]
     for eps in sorted(cfg.eval_eps):
         kw = dict(eps=eps, step_size=eps / 4, steps=cfg.eval_steps, norm="linf")
         x_transfer = pgd_attack(classifier, x, y, generator=torch.Generator().manual_seed(cfg.seed), **kw)
         x_white = pgd_attack(vit, x, y, generator=torch.Generator().manual_seed(cfg.seed), **kw)
-        rows.append(row("oblivious", accuracy(vit, x_transfer, y), eps,
+        rows.append(row(OBLIVIOUS, accuracy(vit, x_transfer, y), eps,
                         "transfer: PGD crafted on the undefended SmallCNN; " + ft))
-        rows.append(row("adaptive-full-gradient", accuracy(vit, x_white, y), eps,
+        rows.append(row(ADAPTIVE, accuracy(vit, x_white, y), eps,
                         "white-box PGD on the ViT itself (the classifier is the defense); " + ft))
     section = {"rows": rows, "pretrain_history": info["pretrain_history"],
                "finetune_history": info["finetune_history"], "config": {"recipe": info["recipe"]}, "description": ft,

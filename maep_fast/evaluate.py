@@ -12,7 +12,10 @@ steps, step_size, eot, n (samples), seed, accuracy. Threat models:
 ``evaluate`` (MAEP demo / CLI default) runs PGD under the first two adaptive
 settings; ``evaluate_threat_models`` adds the attack choice (our PGD,
 AutoAttack standard/rand, APGD-CE/T from torchattacks), ``bpda-eot`` and
-sanity checks; ``accuracy_vs_eps`` sweeps eps and plots.
+sanity checks, set by one ``EvalConfig``; ``accuracy_vs_eps`` sweeps eps and plots.
+
+Every row is made by ``result_row`` and every attack is named by ``attack_name``
+(the strict preset's names by ``strict_attack_names``).
 
 Sanity checks (from the adaptive-attack literature: Carlini et al. 2019,
 "On evaluating adversarial robustness"; Tramer et al. 2020), each reported as
@@ -25,7 +28,8 @@ Sanity checks (from the adaptive-attack literature: Carlini et al. 2019,
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import warnings
+from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 import torch.nn as nn
@@ -33,6 +37,39 @@ from tqdm.auto import tqdm
 
 from maep_fast.attacks.pgd import pgd_attack
 from maep_fast.purify.maep import PurifiedClassifier
+
+# threat models (the ``threat_model`` of a row); NO_ATTACK marks the clean rows
+NO_ATTACK = "none"
+OBLIVIOUS = "oblivious"
+ADAPTIVE = "adaptive-full-gradient"
+BPDA_EOT = "bpda-eot"
+THREAT_MODELS = (OBLIVIOUS, ADAPTIVE, BPDA_EOT)
+ATTACKS = ("pgd", "ta-pgd", "autoattack", "apgd", "apgd-t")
+
+
+def attack_name(attack: str, steps: int, version: str = "standard") -> str:
+    """The name a row gives ``attack`` (one of ``ATTACKS``) run for ``steps`` iterations: ``PGD-20``,
+    ``torchattacks-PGD-20``, ``AutoAttack-rand``, ``APGD-CE-100``, ``APGD-T-100``."""
+    if attack == "pgd":
+        return f"PGD-{steps}"
+    if attack == "ta-pgd":
+        return f"torchattacks-PGD-{steps}"
+    from maep_fast.attacks.torchattacks_adapter import attack_name as torchattacks_name
+
+    return torchattacks_name(attack, version, steps)
+
+
+def result_row(defense: str, threat_model: str, accuracy: float, *, n: int, seed: int, attack: str = NO_ATTACK,
+               norm: str | None = None, eps: float = 0.0, steps: int = 0, step_size: float | None = 0.0,
+               eot: int = 0, **extra) -> dict:
+    """One report row: defense, threat_model, attack, norm, eps, steps, step_size, eot, n, seed, accuracy,
+    then ``extra`` in order. A clean row (threat model ``none``) has no attack: attack ``none``, norm None
+    and eps, steps, step_size and EOT 0, whatever was passed."""
+    attacked = threat_model != NO_ATTACK
+    return {"defense": defense, "threat_model": threat_model, "attack": attack if attacked else NO_ATTACK,
+            "norm": norm if attacked else None, "eps": eps if attacked else 0.0, "steps": steps if attacked else 0,
+            "step_size": step_size if attacked else 0.0, "eot": eot if attacked else 0, "n": n, "seed": seed,
+            "accuracy": accuracy, **extra}
 
 
 @dataclass
@@ -45,7 +82,7 @@ class AttackSpec:
 
     @property
     def name(self) -> str:
-        return f"PGD-{self.steps}"
+        return attack_name("pgd", self.steps)
 
 
 @torch.no_grad()
@@ -73,10 +110,10 @@ def evaluate(
     classifier.eval()
     defended = PurifiedClassifier(purifier, classifier).eval() if purifier is not None else None
     gen = torch.Generator(device=device).manual_seed(seed)
-    correct: dict[str, int] = {}
+    correct: dict[tuple[str, str], int] = {}
     examples: dict[str, list] = {"clean": [], "adversarial": [], "purified": []}
 
-    def add(key: str, pred: torch.Tensor, y: torch.Tensor):
+    def add(key: tuple[str, str], pred: torch.Tensor, y: torch.Tensor):
         correct[key] = correct.get(key, 0) + int((pred == y).sum())
 
     n = images.shape[0]
@@ -84,36 +121,24 @@ def evaluate(
     for k in tqdm(batches, desc="evaluate", leave=False, disable=not progress):
         x, y = images[k:k + batch_size].to(device), labels[k:k + batch_size].to(device)
         kw = dict(eps=attack.eps, step_size=attack.step_size, steps=attack.steps, norm=attack.norm, generator=gen)
-        add("none/none", _predict(classifier, x), y)
+        add(("none", NO_ATTACK), _predict(classifier, x), y)
         x_obl = pgd_attack(classifier, x, y, **kw)
-        add("none/oblivious", _predict(classifier, x_obl), y)
+        add(("none", OBLIVIOUS), _predict(classifier, x_obl), y)
         if defended is not None:
-            add("purifier/none", _predict(defended, x), y)
-            add("purifier/oblivious", _predict(defended, x_obl), y)
+            add(("purifier", NO_ATTACK), _predict(defended, x), y)
+            add(("purifier", OBLIVIOUS), _predict(defended, x_obl), y)
             x_ada = pgd_attack(defended, x, y, eot=attack.eot, **kw)
-            add("purifier/adaptive-full-gradient", _predict(defended, x_ada), y)
+            add(("purifier", ADAPTIVE), _predict(defended, x_ada), y)
             if keep_examples and sum(t.shape[0] for t in examples["clean"]) < keep_examples:
                 with torch.no_grad():
                     examples["clean"].append(x.cpu())
                     examples["adversarial"].append(x_obl.cpu())
                     examples["purified"].append(purifier(x_obl).cpu())
     rows = []
-    for key, c in correct.items():
-        defense, threat = key.split("/")
-        attacked = threat != "none"
-        rows.append({
-            "defense": defense,
-            "threat_model": threat,
-            "attack": attack.name if attacked else "none",
-            "norm": attack.norm if attacked else None,
-            "eps": attack.eps if attacked else 0.0,
-            "steps": attack.steps if attacked else 0,
-            "step_size": attack.step_size if attacked else 0.0,
-            "eot": (attack.eot if threat == "adaptive-full-gradient" else 1) if attacked else 0,
-            "n": n,
-            "seed": seed,
-            "accuracy": c / n,
-        })
+    for (defense, threat), c in correct.items():
+        rows.append(result_row(defense, threat, c / n, n=n, seed=seed, attack=attack.name, norm=attack.norm,
+                               eps=attack.eps, steps=attack.steps, step_size=attack.step_size,
+                               eot=attack.eot if threat == ADAPTIVE else 1))
     ex = {k: torch.cat(v)[:keep_examples] for k, v in examples.items() if v}
     return {"rows": rows, "attack": asdict(attack), "examples": ex}
 
@@ -135,8 +160,66 @@ def format_table(rows: list[dict], defense_names: dict[str, str] | None = None) 
 # --------------------------------------------------------------------------
 # Threat models x attacks, sanity checks, eps sweeps
 # --------------------------------------------------------------------------
-THREAT_MODELS = ("oblivious", "adaptive-full-gradient", "bpda-eot")
-ATTACKS = ("pgd", "ta-pgd", "autoattack", "apgd", "apgd-t")
+@dataclass(frozen=True)
+class EvalConfig:
+    """What ``evaluate_threat_models`` runs: the threat models, the attack and its budget, and the report.
+
+    ``attack``: ``pgd`` (ours; ``step_size`` None = eps/4, random start), ``ta-pgd`` (torchattacks'
+    PGD / EOTPGD with the same steps, step size and EOT), ``autoattack`` (``version`` standard or rand;
+    ``n_queries`` for Square), ``apgd`` (APGD-CE), ``apgd-t``. ``eot``: gradient samples for the
+    adaptive / BPDA threat models; None = 20 for randomized purifiers (``purifier.randomized`` and
+    unseeded, e.g. MAE-Pure), 1 otherwise. ``n_classes`` None = read off the classifier. ``defense``
+    names the purified rows; ``include_clean`` adds the clean rows, ``include_undefended`` the bare
+    classifier's rows, ``sanity`` the sanity checks.
+    """
+
+    threat_models: tuple[str, ...] = THREAT_MODELS
+    attack: str = "pgd"
+    norm: str = "linf"
+    eps: float = 8 / 255
+    steps: int = 20
+    step_size: float | None = None
+    eot: int | None = None
+    version: str = "standard"
+    n_queries: int = 5000
+    n_classes: int | None = None
+    seed: int = 0
+    batch_size: int = 256
+    defense: str = "purifier"
+    include_clean: bool = True
+    include_undefended: bool = True
+    sanity: bool = True
+    progress: bool = False
+
+    def __post_init__(self):
+        object.__setattr__(self, "threat_models", tuple(self.threat_models))
+        bad = [t for t in self.threat_models if t not in THREAT_MODELS]
+        if bad:
+            raise ValueError(f"unknown threat model(s) {bad}; choose from {THREAT_MODELS}")
+        if self.attack not in ATTACKS:
+            raise ValueError(f"attack must be one of {ATTACKS}, got {self.attack!r}")
+        if self.norm not in ("linf", "l2"):
+            raise ValueError(f"norm must be 'linf' or 'l2', got {self.norm!r}")
+
+    @property
+    def name(self) -> str:
+        """The attack's row name."""
+        return attack_name(self.attack, self.steps, self.version)
+
+
+_EVAL_FIELDS = frozenset(f.name for f in fields(EvalConfig))
+
+
+def _legacy_eval_config(config: EvalConfig | None, legacy: dict, caller: str) -> EvalConfig:
+    """``config``, or the ``EvalConfig`` the deprecated keyword arguments of ``caller`` spell."""
+    if not legacy:
+        return config or EvalConfig()
+    unknown = sorted(set(legacy) - _EVAL_FIELDS)
+    if unknown:
+        raise TypeError(f"{caller}() got unexpected keyword argument(s) {unknown}")
+    warnings.warn(f"{caller}(..., {', '.join(legacy)}=...) is deprecated: pass config=EvalConfig(...) "
+                  "(maep_fast.evaluate.EvalConfig)", DeprecationWarning, stacklevel=3)
+    return replace(config or EvalConfig(), **legacy)
 
 
 def markdown_table(rows: list[dict]) -> str:
@@ -144,7 +227,7 @@ def markdown_table(rows: list[dict]) -> str:
     lines = ["| defense | threat model | attack | eps | steps | EOT | n | accuracy |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        attacked = r["threat_model"] != "none"
+        attacked = r["threat_model"] != NO_ATTACK
         eps = (f"{r['eps'] * 255:.0f}/255" if r["norm"] == "linf" else f"{r['eps']:.3g}") if attacked else "-"
         lines.append(f"| {r['defense']} | {r['threat_model']} | {r['attack'] if attacked else '-'} | {eps} | "
                      f"{r['steps'] if attacked else '-'} | {r['eot'] if attacked else '-'} | {r['n']} | "
@@ -161,16 +244,6 @@ def _predict_purified(purifier: nn.Module, classifier: nn.Module, x: torch.Tenso
     """One (stochastic, for randomized purifiers) pass of the deployed defense."""
     fn = getattr(purifier, "purify", None)
     return classifier(fn(x) if callable(fn) else purifier(x)).argmax(1)
-
-
-def _attack_name(attack: str, steps: int, version: str) -> str:
-    if attack == "pgd":
-        return f"PGD-{steps}"
-    if attack == "ta-pgd":
-        return f"torchattacks-PGD-{steps}"
-    from maep_fast.attacks.torchattacks_adapter import attack_name
-
-    return attack_name(attack, version, steps)
 
 
 def _run(model, x, y, *, attack, norm, eps, step_size, steps, eot, version, n_queries, n_classes, seed, gen):
@@ -210,51 +283,31 @@ def evaluate_threat_models(
     purifier: nn.Module | None,
     images: torch.Tensor,
     labels: torch.Tensor,
-    *,
-    threat_models: tuple[str, ...] | list[str] = THREAT_MODELS,
-    attack: str = "pgd",
-    norm: str = "linf",
-    eps: float = 8 / 255,
-    steps: int = 20,
-    step_size: float | None = None,
-    eot: int | None = None,
-    version: str = "standard",
-    n_queries: int = 5000,
-    n_classes: int | None = None,
-    seed: int = 0,
-    batch_size: int = 256,
-    defense: str = "purifier",
-    include_clean: bool = True,
-    include_undefended: bool = True,
-    sanity: bool = True,
-    progress: bool = False,
+    config: EvalConfig | None = None,
+    **legacy,
 ) -> dict:
-    """Accuracy of ``classifier`` and ``classifier(purifier(.))`` under each threat model.
+    """Accuracy of ``classifier`` and ``classifier(purifier(.))`` under each threat model of ``config``
+    (an ``EvalConfig``; default ``EvalConfig()``).
 
-    ``attack``: ``pgd`` (ours; step size default eps/4, random start), ``ta-pgd``
-    (torchattacks' PGD / EOTPGD with the same steps, step size and EOT), ``autoattack``
-    (``version`` standard or rand), ``apgd`` (APGD-CE), ``apgd-t``. ``eot``: gradient
-    samples for the adaptive / BPDA threat models; None = 20 for randomized purifiers
-    (``purifier.randomized`` and unseeded, e.g. MAE-Pure), 1 otherwise. The oblivious
-    attack targets the bare classifier (EOT 1); every prediction of a randomized
-    defense is one stochastic pass. Returns ``{"rows", "sanity", "settings"}``.
+    The oblivious attack targets the bare classifier (EOT 1); the adaptive and BPDA attacks go through
+    the purifier with ``config.eot`` gradient samples; every prediction of a randomized defense is one
+    stochastic pass. Returns ``{"rows", "sanity", "settings"}``. The former keyword arguments
+    (``eps=..., steps=...``: the ``EvalConfig`` fields) still work, with a DeprecationWarning.
     """
-    bad = [t for t in threat_models if t not in THREAT_MODELS]
-    if bad:
-        raise ValueError(f"unknown threat model(s) {bad}; choose from {THREAT_MODELS}")
-    if attack not in ATTACKS:
-        raise ValueError(f"attack must be one of {ATTACKS}, got {attack!r}")
-    if norm not in ("linf", "l2"):
-        raise ValueError(f"norm must be 'linf' or 'l2', got {norm!r}")
-    if purifier is None and any(t != "oblivious" for t in threat_models):
-        threat_models = [t for t in threat_models if t == "oblivious"] or ["oblivious"]
-    step_size = eps / 4 if step_size is None else step_size
+    cfg = _legacy_eval_config(config, legacy, "evaluate_threat_models")
+    threat_models = list(cfg.threat_models)
+    if purifier is None and any(t != OBLIVIOUS for t in threat_models):
+        threat_models = [t for t in threat_models if t == OBLIVIOUS] or [OBLIVIOUS]
+    attack, norm, eps, steps, version, seed, eot = cfg.attack, cfg.norm, cfg.eps, cfg.steps, cfg.version, cfg.seed, cfg.eot
+    step_size = eps / 4 if cfg.step_size is None else cfg.step_size
+    defense, include_clean, include_undefended = cfg.defense, cfg.include_clean, cfg.include_undefended
     device = next(classifier.parameters()).device
     classifier.eval()
     if purifier is not None:
         purifier.eval()
     randomized = _is_randomized(purifier)
     eot_adaptive = eot if eot is not None else (20 if randomized else 1)
+    n_classes = cfg.n_classes
     if n_classes is None:
         with torch.no_grad():
             n_classes = int(classifier(images[:1].to(device)).shape[1])
@@ -262,11 +315,11 @@ def evaluate_threat_models(
 
     models = {}
     if purifier is not None:
-        models["adaptive-full-gradient"] = PurifiedClassifier(purifier, classifier).eval()
-        models["bpda-eot"] = bpda_model(purifier, classifier).eval()
+        models[ADAPTIVE] = PurifiedClassifier(purifier, classifier).eval()
+        models[BPDA_EOT] = bpda_model(purifier, classifier).eval()
     gen = torch.Generator(device=device).manual_seed(seed)
     kw = dict(attack=attack, norm=norm, eps=eps, step_size=step_size, steps=steps, version=version,
-              n_queries=n_queries, n_classes=n_classes, seed=seed, gen=gen)
+              n_queries=cfg.n_queries, n_classes=n_classes, seed=seed, gen=gen)
     correct: dict[tuple[str, str], int] = {}
     eots: dict[tuple[str, str], int] = {}
 
@@ -275,45 +328,38 @@ def evaluate_threat_models(
         eots[key] = e
 
     n = images.shape[0]
-    for k in tqdm(range(0, n, batch_size), desc="threat models", leave=False, disable=not progress):
+    batch_size = cfg.batch_size
+    for k in tqdm(range(0, n, batch_size), desc="threat models", leave=False, disable=not cfg.progress):
         x, y = images[k:k + batch_size].to(device), labels[k:k + batch_size].to(device)
         if include_clean and include_undefended:
-            add(("none", "none"), _predict(classifier, x), y, 0)
+            add(("none", NO_ATTACK), _predict(classifier, x), y, 0)
         if include_clean and purifier is not None:
-            add((defense, "none"), _predict_purified(purifier, classifier, x), y, 0)
-        need_obl = "oblivious" in threat_models or include_undefended
+            add((defense, NO_ATTACK), _predict_purified(purifier, classifier, x), y, 0)
+        need_obl = OBLIVIOUS in threat_models or include_undefended
         if need_obl:
             x_obl = _run(classifier, x, y, eot=1, **kw)
             if include_undefended:
-                add(("none", "oblivious"), _predict(classifier, x_obl), y, 1)
-            if purifier is not None and "oblivious" in threat_models:
-                add((defense, "oblivious"), _predict_purified(purifier, classifier, x_obl), y, 1)
+                add(("none", OBLIVIOUS), _predict(classifier, x_obl), y, 1)
+            if purifier is not None and OBLIVIOUS in threat_models:
+                add((defense, OBLIVIOUS), _predict_purified(purifier, classifier, x_obl), y, 1)
         for tm in threat_models:
-            if tm == "oblivious" or purifier is None:
+            if tm == OBLIVIOUS or purifier is None:
                 continue
             from maep_fast.attacks.torchattacks_adapter import effective_eot
 
             e = eot_adaptive if attack in ("pgd", "ta-pgd") else effective_eot(attack, version, eot if eot is not None else (eot_adaptive if randomized else None))
             x_adv = _run(models[tm], x, y, eot=e, **kw)
             add((defense, tm), _predict_purified(purifier, classifier, x_adv), y, e)
-    name = _attack_name(attack, steps, version)
-    rows = []
-    for (dname, tm), c in correct.items():
-        attacked = tm != "none"
-        rows.append({
-            "defense": dname, "threat_model": tm, "attack": name if attacked else "none",
-            "norm": norm if attacked else None, "eps": eps if attacked else 0.0,
-            "steps": steps if attacked else 0,
-            "step_size": (step_size if attack in ("pgd", "ta-pgd") else None) if attacked else 0.0,
-            "eot": eots[(dname, tm)], "n": n, "seed": seed, "accuracy": c / n,
-            **({"version": version} if attack == "autoattack" and attacked else {}),
-            **({"randomized_defense": randomized} if dname == defense else {}),
-        })
+    rows = [result_row(dname, tm, c / n, n=n, seed=seed, attack=cfg.name, norm=norm, eps=eps, steps=steps,
+                       step_size=step_size if attack in ("pgd", "ta-pgd") else None, eot=eots[(dname, tm)],
+                       **({"version": version} if attack == "autoattack" and tm != NO_ATTACK else {}),
+                       **({"randomized_defense": randomized} if dname == defense else {}))
+            for (dname, tm), c in correct.items()]
     settings = dict(threat_models=list(threat_models), attack=attack, norm=norm, eps=eps, steps=steps,
                     step_size=step_size, eot_adaptive=eot_adaptive, version=version, seed=seed, n=n,
                     randomized_defense=randomized,
                     purifier=getattr(purifier, "config", None) if purifier is not None else None)
-    return {"rows": rows, "sanity": sanity_checks(rows) if sanity else [], "settings": settings}
+    return {"rows": rows, "sanity": sanity_checks(rows) if cfg.sanity else [], "settings": settings}
 
 
 def sanity_checks(rows: list[dict], tol: float = 0.02, zero_threshold: float = 0.1) -> list[dict]:
@@ -326,10 +372,10 @@ def sanity_checks(rows: list[dict], tol: float = 0.02, zero_threshold: float = 0
     def key(r):
         return (r["defense"], r["norm"], round(float(r["eps"]), 8))
 
-    clean = {r["defense"]: r["accuracy"] for r in rows if r["threat_model"] == "none"}
+    clean = {r["defense"]: r["accuracy"] for r in rows if r["threat_model"] == NO_ATTACK}
     # 1. attacks never raise accuracy above the clean accuracy
     for r in rows:
-        if r["threat_model"] == "none" or r["defense"] not in clean:
+        if r["threat_model"] == NO_ATTACK or r["defense"] not in clean:
             continue
         ok = r["accuracy"] <= clean[r["defense"]] + tol
         out.append({"check": "attack-lowers-accuracy", "passed": ok, "defense": r["defense"],
@@ -338,9 +384,9 @@ def sanity_checks(rows: list[dict], tol: float = 0.02, zero_threshold: float = 0
                                f"{100 * r['accuracy']:.1f}% vs clean {100 * clean[r['defense']]:.1f}%"
                                + ("" if ok else " -- the attack RAISES accuracy: broken attack or evaluation")})
     # 2. adaptive <= oblivious (same defense, norm, eps)
-    obl = {key(r): r for r in rows if r["threat_model"] == "oblivious" and r["defense"] != "none"}
+    obl = {key(r): r for r in rows if r["threat_model"] == OBLIVIOUS and r["defense"] != "none"}
     for r in rows:
-        if r["threat_model"] not in ("adaptive-full-gradient", "bpda-eot") or key(r) not in obl:
+        if r["threat_model"] not in (ADAPTIVE, BPDA_EOT) or key(r) not in obl:
             continue
         o = obl[key(r)]
         ok = r["accuracy"] <= o["accuracy"] + tol
@@ -354,7 +400,7 @@ def sanity_checks(rows: list[dict], tol: float = 0.02, zero_threshold: float = 0
     # 3. monotone in eps, 4. undefended reaches ~0 at the largest eps (sweeps only)
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        if r["threat_model"] != "none":
+        if r["threat_model"] != NO_ATTACK:
             groups.setdefault((r["defense"], r["threat_model"], r["attack"], r["norm"]), []).append(r)
     for (dname, tm, atk, nm), rs in groups.items():
         rs = sorted(rs, key=lambda r: r["eps"])
@@ -384,20 +430,24 @@ def accuracy_vs_eps(
     images: torch.Tensor,
     labels: torch.Tensor,
     eps_list: list[float],
+    config: EvalConfig | None = None,
     *,
     plot: str | None = None,
     sanity_tol: float = 0.02,
     zero_threshold: float = 0.1,
-    **kwargs,
+    **legacy,
 ) -> dict:
-    """``evaluate_threat_models`` at each eps (clean rows once); sanity checks over the
-    whole sweep; optional PNG plot of accuracy vs eps per (defense, threat model)."""
+    """``evaluate_threat_models`` with ``config`` at each eps of ``eps_list`` (its ``eps`` is ignored;
+    clean rows once); sanity checks over the whole sweep; optional PNG plot of accuracy vs eps per
+    (defense, threat model). The former ``EvalConfig`` keyword arguments still work, with a
+    DeprecationWarning."""
     if not eps_list:
         raise ValueError("eps_list must not be empty")
+    cfg = _legacy_eval_config(config, legacy, "accuracy_vs_eps")
     rows: list[dict] = []
     for i, e in enumerate(sorted(eps_list)):
-        rep = evaluate_threat_models(classifier, purifier, images, labels, eps=e, include_clean=(i == 0),
-                                     sanity=False, **kwargs)
+        rep = evaluate_threat_models(classifier, purifier, images, labels,
+                                     replace(cfg, eps=e, include_clean=cfg.include_clean and i == 0, sanity=False))
         rows.extend(rep["rows"])
     report = {"rows": rows, "sanity": sanity_checks(rows, tol=sanity_tol, zero_threshold=zero_threshold),
               "settings": {**rep["settings"], "eps": sorted(eps_list)}}
@@ -415,10 +465,10 @@ def save_accuracy_vs_eps_plot(rows: list[dict], path, title: str | None = None) 
     import matplotlib.pyplot as plt
     from pathlib import Path
 
-    clean = {r["defense"]: r["accuracy"] for r in rows if r["threat_model"] == "none"}
+    clean = {r["defense"]: r["accuracy"] for r in rows if r["threat_model"] == NO_ATTACK}
     groups: dict[tuple, list] = {}
     for r in rows:
-        if r["threat_model"] != "none":
+        if r["threat_model"] != NO_ATTACK:
             groups.setdefault((r["defense"], r["threat_model"], r["attack"]), []).append(r)
     linf = any(r["norm"] == "linf" for r in rows if r["norm"])
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -450,7 +500,8 @@ STRICT_STEP_PER_EPS = 0.007 / (8 / 255)  # their step 0.007 at L-inf 8/255, scal
 
 def strict_attack_names(steps: int = STRICT_STEPS, eot: int = STRICT_EOT) -> dict[str, str]:
     """The row names of the strict preset's two attacks."""
-    return {"pgd": f"strict-PGD-{steps}-EOT-{eot}", "autoattack": f"strict-AutoAttack-rand-EOT-{eot}"}
+    return {"pgd": f"strict-{attack_name('pgd', steps)}-EOT-{eot}",
+            "autoattack": f"strict-{attack_name('autoattack', steps, 'rand')}-EOT-{eot}"}
 
 
 def evaluate_strict(
@@ -522,14 +573,15 @@ def evaluate_strict(
     reduced += [f"EOT {eot} of {STRICT_EOT}"] if eot < STRICT_EOT else []
     reduced += [f"AutoAttack {aa_steps} of 100 iterations"] if autoattack and aa_steps < 100 else []
     budget = "paper" if not reduced else "reduced: " + ", ".join(reduced)
-    base = {"defense": "purifier", "threat_model": "adaptive-full-gradient", "norm": norm, "eps": eps, "eot": eot,
+    base = {"defense": "purifier", "threat_model": ADAPTIVE, "norm": norm, "eps": eps, "eot": eot,
             "n": n, "seed": seed, "preset": "strict", "budget": budget}
     rows = [{**base, "attack": names["pgd"], "steps": steps, "step_size": step_size,
              "accuracy": survived["pgd"] / n}]
     if autoattack:
         rows.append({**base, "attack": names["autoattack"], "steps": aa_steps, "step_size": None,
                      "accuracy": survived["autoattack"] / n})
-        rows.append({**base, "attack": f"strict-worst-of-{names['pgd']}+AutoAttack-rand", "steps": steps,
+        rows.append({**base, "attack": f"strict-worst-of-{names['pgd']}+{attack_name('autoattack', aa_steps, 'rand')}",
+                     "steps": steps,
                      "step_size": step_size, "accuracy": survived["both"] / n})
     settings = dict(eps=eps, norm=norm, steps=steps, eot=eot, step_size=step_size, autoattack=autoattack,
                     aa_steps=aa_steps, seed=seed, n=n, budget=budget,

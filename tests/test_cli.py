@@ -87,8 +87,8 @@ def test_demo_full_code_path_on_tiny_settings(tmp_path):
     pytest.importorskip("torchattacks")
     from maep_fast.demo import FULL, QUICK, DemoConfig, run_demo
 
-    cfg = DemoConfig(progress=False, **{**FULL, **QUICK, "mae_epochs": 1, "rand_eot": 2, "mp_eot": 1, "aa_steps": 1,
-                                        "aa_queries": 5, "mp_aa_steps": 1, "n_eval": 8, "rand_n": 8, "mp_n": 4})
+    cfg = DemoConfig.from_flat(FULL, QUICK, {"mae_epochs": 1, "rand_eot": 2, "mp_eot": 1, "aa_steps": 1, "aa_queries": 5,
+                                             "mp_aa_steps": 1, "n_eval": 8, "rand_n": 8, "mp_n": 4}, progress=False)
     m = run_demo(tmp_path, cfg)
     rows = m["rows"]
     assert {r["attack"] for r in rows} >= {"PGD-2", "torchattacks-PGD-2", "AutoAttack-standard", "AutoAttack-rand"}
@@ -117,6 +117,44 @@ def test_demo_full_code_path_on_tiny_settings(tmp_path):
     assert m["sanity"] and all({"check", "passed", "message"} <= set(c) for c in m["sanity"])
     for f in ("grid.png", "acc_vs_eps.png", "table.md", "metrics.json"):
         assert (tmp_path / f).is_file()
+
+
+def test_demo_config_sections_and_the_flat_names():
+    """DemoConfig nests one config per part; the former flat names map onto them (with a DeprecationWarning
+    as keyword arguments and attributes, without one through from_flat), and to_flat gives them back."""
+    import warnings
+
+    from maep_fast.demo import FULL, QUICK, DemoConfig, MAEPureDemo, RandomizedDemo
+
+    cfg = DemoConfig.from_flat(FULL, QUICK, mp_n=4)
+    assert cfg.mae_pure.n == 4 and cfg.mae_pure.eot == QUICK["mp_eot"] and cfg.mae_pure.attacks == FULL["mp_attacks"]
+    assert cfg.randomized == RandomizedDemo(mask_ratio=0.25, masks=2, eot=1, n=16, attacks=("pgd",))
+    assert cfg.autoattack.queries == 250 and cfg.mimir.enabled and cfg.defended.epochs == 1 and cfg.maep.w_cls == 1.0
+    flat = cfg.to_flat()
+    assert flat["mp_n"] == 4 and flat["mae_pure"] is True and flat["mimir"] is True and flat["aa_steps"] == 10
+    assert DemoConfig.from_flat(flat) == cfg
+    with pytest.warns(DeprecationWarning, match="mp_n"):
+        legacy = DemoConfig(mp_n=4, mae_pure=False, seed=3)
+    assert legacy.mae_pure == MAEPureDemo(enabled=False, n=4) and legacy.seed == 3
+    with pytest.warns(DeprecationWarning):
+        assert legacy.mp_n == 4
+    with pytest.warns(DeprecationWarning):
+        legacy.rand_n = 7
+    assert legacy.randomized.n == 7
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert DemoConfig(mae_pure=MAEPureDemo(n=4)).mae_pure.n == 4
+    with pytest.raises(TypeError):
+        DemoConfig.from_flat(no_such_setting=1)
+
+
+def test_run_demo_is_its_stages_in_order():
+    from maep_fast import demo
+
+    assert [s.__name__ for s in demo.STAGES] == [
+        "stage_classifier", "stage_maep", "stage_plain_mae", "stage_eval_maep", "stage_maep_defended",
+        "stage_maep_rand", "stage_mae_pure", "stage_mimir"]
+    assert all(s.__doc__ for s in demo.STAGES)
 
 
 def test_demo_rejects_quick_with_full(tmp_path, capsys):

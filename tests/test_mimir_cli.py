@@ -102,8 +102,8 @@ def test_demo_mimir_stage_rows_and_default_demo_leaves_it_out():
     from maep_fast.demo import FULL, MIMIR_COMMAND, QUICK, DemoConfig, _mimir_rows
     from maep_fast.models.classifiers import SmallCNN
 
-    assert DemoConfig().mimir is False and FULL["mimir"] is True and "maep-fast mimir" in MIMIR_COMMAND
-    cfg = DemoConfig(**{**QUICK, "mimir_n": 8, "mimir_train_n": 64, "eval_eps": (8 / 255, 16 / 255)}, progress=False)
+    assert DemoConfig().mimir.enabled is False and FULL["mimir"] is True and "maep-fast mimir" in MIMIR_COMMAND
+    cfg = DemoConfig.from_flat(QUICK, mimir_n=8, mimir_train_n=64, eval_eps=(8 / 255, 16 / 255), progress=False)
     train, test = load_digits_dataset(16, "train"), load_digits_dataset(16, "test")
     section, text, vit = _mimir_rows(cfg, SmallCNN(in_chans=1, num_classes=10).eval(), train, test)
     rows = section["rows"]

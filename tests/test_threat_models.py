@@ -1,12 +1,14 @@
 """Threat models, report schema, sanity checks, attack wrappers, torchattacks adapter."""
+from dataclasses import replace
+
 import pytest
 import torch
 
 from conftest import linear_model, tiny_mae
 from maep_fast.attacks.bpda import BPDA, bpda_model
 from maep_fast.attacks.eot import EOT, eot_grad
-from maep_fast.evaluate import (THREAT_MODELS, accuracy_vs_eps, evaluate_threat_models, format_table,
-                                sanity_checks)
+from maep_fast.evaluate import (THREAT_MODELS, EvalConfig, accuracy_vs_eps, attack_name, evaluate_threat_models,
+                                format_table, result_row, sanity_checks)
 from maep_fast.purify import Purifier
 from maep_fast.purify.mae_pure import MAEPure
 
@@ -26,8 +28,8 @@ def setup():
 def test_each_threat_model_runs(setup, kind):
     clf, x, y, mae = setup
     pur = Purifier(mae) if kind == "maep" else MAEPure(mae, steps=2, step_size=0.02, eta=0.05)
-    rep = evaluate_threat_models(clf, pur, x, y, eps=0.1, steps=2, eot=2 if kind == "mae-pure" else None,
-                                 batch_size=4, seed=1, defense=kind)
+    rep = evaluate_threat_models(clf, pur, x, y, EvalConfig(eps=0.1, steps=2, eot=2 if kind == "mae-pure" else None,
+                                                            batch_size=4, seed=1, defense=kind))
     rows = {(r["defense"], r["threat_model"]): r for r in rep["rows"]}
     assert set(rows) == {("none", "none"), ("none", "oblivious"), (kind, "none")} | {(kind, t) for t in THREAT_MODELS}
     for r in rep["rows"]:
@@ -44,20 +46,49 @@ def test_each_threat_model_runs(setup, kind):
 
 def test_randomized_purifier_defaults_to_eot_20(setup):
     clf, x, y, mae = setup
-    rep = evaluate_threat_models(clf, MAEPure(mae, steps=1), x[:2], y[:2], eps=0.05, steps=1,
-                                 threat_models=["bpda-eot"], include_undefended=False)
+    config = EvalConfig(eps=0.05, steps=1, threat_models=("bpda-eot",), include_undefended=False)
+    rep = evaluate_threat_models(clf, MAEPure(mae, steps=1), x[:2], y[:2], config)
     assert [r["eot"] for r in rep["rows"] if r["threat_model"] == "bpda-eot"] == [20]
-    seeded = evaluate_threat_models(clf, MAEPure(mae, steps=1, seed=0), x[:2], y[:2], eps=0.05, steps=1,
-                                    threat_models=["bpda-eot"], include_undefended=False)
+    seeded = evaluate_threat_models(clf, MAEPure(mae, steps=1, seed=0), x[:2], y[:2], config)
     assert [r["eot"] for r in seeded["rows"] if r["threat_model"] == "bpda-eot"] == [1]
 
 
 def test_bad_threat_model_and_attack(setup):
     clf, x, y, mae = setup
     with pytest.raises(ValueError, match="threat model"):
-        evaluate_threat_models(clf, None, x, y, threat_models=["nope"])
+        EvalConfig(threat_models=("nope",))
     with pytest.raises(ValueError, match="attack"):
-        evaluate_threat_models(clf, None, x, y, attack="fgsm")
+        EvalConfig(attack="fgsm")
+    with pytest.raises(ValueError, match="norm"):
+        EvalConfig(norm="l1")
+
+
+def test_legacy_keyword_call_warns_and_matches_the_config_call(setup):
+    """The former keyword arguments still work, with a DeprecationWarning, and give the same report."""
+    clf, x, y, mae = setup
+    new = evaluate_threat_models(clf, Purifier(mae), x, y, EvalConfig(eps=0.1, steps=2, threat_models=("oblivious",)))
+    with pytest.warns(DeprecationWarning, match="EvalConfig"):
+        old = evaluate_threat_models(clf, Purifier(mae), x, y, eps=0.1, steps=2, threat_models=["oblivious"])
+    assert old == new
+    with pytest.warns(DeprecationWarning, match="EvalConfig"):
+        sweep = accuracy_vs_eps(clf, None, x, y, [0.1], steps=2)
+    assert sweep["rows"] == accuracy_vs_eps(clf, None, x, y, [0.1], EvalConfig(steps=2))["rows"]
+    with pytest.raises(TypeError, match="nope"):
+        evaluate_threat_models(clf, None, x, y, nope=1)
+    with pytest.warns(DeprecationWarning), pytest.raises(ValueError, match="threat model"):
+        evaluate_threat_models(clf, None, x, y, threat_models=["nope"])
+
+
+def test_rows_and_attack_names_have_one_schema():
+    assert [attack_name(a, 7, "rand") for a in ("pgd", "ta-pgd", "autoattack", "apgd", "apgd-t")] == [
+        "PGD-7", "torchattacks-PGD-7", "AutoAttack-rand", "APGD-CE-7", "APGD-T-7"]
+    assert EvalConfig(attack="autoattack", version="standard").name == "AutoAttack-standard"
+    clean = result_row("MAEP", "none", 0.5, n=4, seed=0, attack="PGD-2", norm="linf", eps=0.1, steps=2, eot=3)
+    assert clean == {"defense": "MAEP", "threat_model": "none", "attack": "none", "norm": None, "eps": 0.0, "steps": 0,
+                     "step_size": 0.0, "eot": 0, "n": 4, "seed": 0, "accuracy": 0.5}
+    row = result_row("MAEP", "oblivious", 0.25, n=4, seed=1, attack="PGD-2", norm="linf", eps=0.1, steps=2,
+                     step_size=0.025, eot=1, note="x")
+    assert list(row) == [*clean, "note"] and row["attack"] == "PGD-2" and row["eps"] == 0.1 and row["eot"] == 1
 
 
 def _row(defense, tm, eps, acc, attack="PGD-10"):
@@ -92,8 +123,8 @@ def test_sanity_flags_fire_on_violations():
 
 def test_accuracy_vs_eps_and_plot(setup, tmp_path):
     clf, x, y, mae = setup
-    rep = accuracy_vs_eps(clf, Purifier(mae), x, y, [0.02, 0.5], threat_models=["oblivious", "adaptive-full-gradient"],
-                          steps=5, step_size=0.2, plot=str(tmp_path / "sweep.png"))
+    rep = accuracy_vs_eps(clf, Purifier(mae), x, y, [0.02, 0.5], EvalConfig(
+        threat_models=("oblivious", "adaptive-full-gradient"), steps=5, step_size=0.2), plot=str(tmp_path / "sweep.png"))
     eps_rows = [r for r in rep["rows"] if r["defense"] == "none" and r["threat_model"] == "oblivious"]
     assert sorted(r["eps"] for r in eps_rows) == [0.02, 0.5]
     assert sum(r["threat_model"] == "none" for r in rep["rows"]) == 2  # clean rows once
@@ -153,7 +184,7 @@ def test_autoattack_adapter_on_a_linear_model():
         build_attack(clf, "autoattack", version="plus")
     with pytest.raises(ValueError, match="at least 4 classes"):
         build_attack(linear_model(k=3), "apgd-t", n_classes=3)
-    rep = evaluate_threat_models(clf, None, x, y, attack="apgd", eps=0.3, steps=5)
+    rep = evaluate_threat_models(clf, None, x, y, EvalConfig(attack="apgd", eps=0.3, steps=5))
     assert [r["attack"] for r in rep["rows"] if r["threat_model"] == "oblivious"] == ["APGD-CE-5"]
 
 
@@ -191,17 +222,16 @@ def test_torchattacks_pgd_matches_ours_in_strength_and_reports_its_name(setup):
     """attack="ta-pgd": torchattacks' own PGD (EOTPGD for EOT > 1) as an independent cross-check."""
     pytest.importorskip("torchattacks")
     clf, x, y, mae = setup
-    kw = dict(eps=0.3, steps=10, threat_models=["oblivious"], seed=0)
-    ours = evaluate_threat_models(clf, None, x, y, attack="pgd", **kw)
-    theirs = evaluate_threat_models(clf, None, x, y, attack="ta-pgd", **kw)
+    config = EvalConfig(eps=0.3, steps=10, threat_models=("oblivious",), seed=0)
+    ours = evaluate_threat_models(clf, None, x, y, config)
+    theirs = evaluate_threat_models(clf, None, x, y, replace(config, attack="ta-pgd"))
     row = {r["threat_model"]: r for r in theirs["rows"]}
     assert row["oblivious"]["attack"] == "torchattacks-PGD-10" and row["oblivious"]["step_size"] == pytest.approx(0.075)
     acc = {r["threat_model"]: r["accuracy"] for r in ours["rows"]}
     assert row["none"]["accuracy"] == 1.0 and row["oblivious"]["accuracy"] < 1.0  # it attacks
     assert abs(row["oblivious"]["accuracy"] - acc["oblivious"]) <= 0.25  # two PGD implementations, same strength
-    rand = evaluate_threat_models(clf, MAEPure(mae, steps=1, step_size=0.02, eta=0.05), x[:4], y[:4], attack="ta-pgd",
-                                  eps=0.1, steps=2, eot=3, threat_models=["adaptive-full-gradient"],
-                                  include_undefended=False)
+    rand = evaluate_threat_models(clf, MAEPure(mae, steps=1, step_size=0.02, eta=0.05), x[:4], y[:4], EvalConfig(
+        attack="ta-pgd", eps=0.1, steps=2, eot=3, threat_models=("adaptive-full-gradient",), include_undefended=False))
     assert [r["eot"] for r in rand["rows"] if r["threat_model"] != "none"] == [3]
 
 
