@@ -14,8 +14,9 @@
 #                  them: MAEP eager / fused at B128 and B512; DiffPure SDE-100 (20 timed steps, scaled),
 #                  one-step, DDIM-5 at B128; MAE-Pure S150 fused, fused+graph, reference at B32 (20 timed
 #                  steps, scaled); the MAEP training step with PGD-10 pair generation
-#   triton_tests   tests/test_*_triton.py                           } the three test steps run side by
-#   cuda_tests     tests/test_gpu_backends.py tests/test_mae_pure_cuda_graph.py tests/test_fused_vs_reference.py
+#   triton_tests   tests/ops/*/test_*_triton.py                      } the three test steps run side by
+#   cuda_tests     tests/ops/*/test_*_gpu.py tests/test_gpu_backends.py tests/test_mae_pure_cuda_graph.py
+#                  tests/test_fused_vs_reference.py
 #   gpu_marked_tests  `-m gpu` of every other test file that marks GPU tests  } side, after bench_e2e
 #   memcheck       compute-sanitizer --tool memcheck python3 bench/memcheck_ops.py (the CUDA kernels)
 #   bench_overhead python3 bench/bench_overhead.py --device cuda
@@ -255,14 +256,14 @@ PTO=()
 PYTEST=("$PY" -m pytest -q -p no:cacheprovider -o addopts=-ra "${XDIST[@]}" "${PTO[@]}")
 
 shopt -s nullglob
-TRITON_FILES=(tests/test_*_triton.py)
+TRITON_FILES=(tests/ops/*/test_*_triton.py)
 shopt -u nullglob
 CUDA_FILES=()
-for f in tests/test_gpu_backends.py tests/test_mae_pure_cuda_graph.py tests/test_fused_vs_reference.py; do
+for f in tests/ops/*/test_*_gpu.py tests/test_gpu_backends.py tests/test_mae_pure_cuda_graph.py tests/test_fused_vs_reference.py; do
   [[ -f "$f" ]] && CUDA_FILES+=("$f")
 done
 EXTRA_FILES=()
-for f in $(grep -lE "pytest\.mark\.gpu|mark\.gpu\b|^gpu = pytest\.mark\.gpu" tests/test_*.py 2>/dev/null); do
+for f in $(grep -lE "pytest\.mark\.gpu|mark\.gpu\b|^gpu = pytest\.mark\.gpu|GPU_ONLY|GPU_MODULE_MARKS" tests/test_*.py tests/ops/*/test_*.py 2>/dev/null); do
   case " ${TRITON_FILES[*]} ${CUDA_FILES[*]} " in *" $f "*) ;; *) EXTRA_FILES+=("$f") ;; esac
 done
 note "test files: triton ${TRITON_FILES[*]}; cuda ${CUDA_FILES[*]}; other files with GPU marks (-m gpu): ${EXTRA_FILES[*]:-none}"

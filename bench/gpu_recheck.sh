@@ -4,7 +4,7 @@
 #   bash bench/gpu_recheck.sh OUT_DIR
 #
 #   build          MAEP_FAST_CUDA=1 pip install -e . for the GPU present (background)
-#   triton_tests   tests/test_*_triton.py -v (each test's verdict is in the log as it happens, so a
+#   triton_tests   tests/ops/*/test_*_triton.py -v (each test's verdict is in the log as it happens, so a
 #                  run cut by its cap still names its failures), beside the build
 #   crash          the native attention op called with head dim 160 (the call that killed a test
 #                  worker), alone, with a native backtrace on a fatal signal (bench/tools/segv_backtrace.c;
@@ -46,8 +46,8 @@ PYTEST=("$PY" -m pytest -v -p no:cacheprovider -o addopts=-ra --timeout 120)
 
 step build 150 bash -c "$(declare -f build); PY='$PY' ARCH='$ARCH' build" &
 PID_BUILD=$!
-step triton_tests 210 "${PYTEST[@]}" -n 6 tests/test_masked_patch_attention_triton.py \
-  tests/test_patch_recon_loss_triton.py tests/test_pgd_step_triton.py &
+step triton_tests 210 "${PYTEST[@]}" -n 6 tests/ops/masked_patch_attention/test_masked_patch_attention_triton.py \
+  tests/ops/patch_recon_loss/test_patch_recon_loss_triton.py tests/ops/pgd_step/test_pgd_step_triton.py &
 PID_TRITON=$!
 wait "$PID_BUILD"
 
@@ -70,9 +70,9 @@ print('survived')
 }
 step crash 40 bash -c "$(declare -f crash); PY='$PY' crash"
 
-CUDA_FILES=(tests/test_gpu_backends.py tests/test_mae_pure_cuda_graph.py tests/test_fused_vs_reference.py)
+CUDA_FILES=(tests/ops/*/test_*_gpu.py tests/test_gpu_backends.py tests/test_mae_pure_cuda_graph.py tests/test_fused_vs_reference.py)
 EXTRA=()
-for f in $(grep -lE "pytest\.mark\.gpu" tests/test_*.py); do
+for f in $(grep -lE "pytest\.mark\.gpu|GPU_ONLY|GPU_MODULE_MARKS" tests/test_*.py tests/ops/*/test_*.py); do
   case " ${CUDA_FILES[*]} " in *" $f "*) ;; *) [[ "$f" == *_triton.py ]] || EXTRA+=("$f") ;; esac
 done
 step cuda_tests 120 "${PYTEST[@]}" -n 6 "${CUDA_FILES[@]}" &

@@ -15,7 +15,8 @@ import warnings
 import pytest
 import torch
 
-from maep_fast._native import native_available, native_unavailable_reason
+from maep_fast import native_available
+from maep_fast._native import native_unavailable_reason  # the reason has no public name
 from maep_fast.ops import masked_patch_attention, patch_recon_loss
 
 NATIVE = native_available() and hasattr(torch.ops.maep_fast, "masked_patch_attention")

@@ -13,7 +13,7 @@ import torch
 import torch._dynamo as dynamo
 
 from conftest import tiny_mae
-from maep_fast._native import native_available
+from maep_fast import native_available
 from maep_fast.purify.maep import CUDA_GRAPH_MAX_BATCH, Purifier
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")

@@ -28,6 +28,7 @@ from hypothesis import strategies as st
 triton = pytest.importorskip("triton")
 
 import maep_fast.ops._dispatch as dispatch  # noqa: E402
+from op_helpers import make_keep, make_qkv, maxerr  # noqa: E402
 from maep_fast.ops.masked_patch_attention import (  # noqa: E402
     MaskedPatchAttentionTriton,
     masked_patch_attention,
@@ -48,33 +49,8 @@ def kernels():
     return km
 
 
-def make_keep(pattern, b, length, device=DEV):
-    if pattern == "none":
-        return None
-    if pattern == "all":
-        return torch.ones(b, length, dtype=torch.bool, device=device)
-    if pattern == "one":
-        keep = torch.zeros(b, length, dtype=torch.bool, device=device)
-        keep[torch.arange(b), torch.randint(0, length, (b,))] = True
-        return keep
-    keep = torch.rand(b, length, device=device) < torch.rand(b, 1, device=device).clamp(0.2, 0.9)  # ragged counts
-    keep[:, 0] = True
-    if pattern == "empty_sample":
-        keep[-1] = False  # a sample with no visible patch at all
-    if pattern == "mixed":  # sample i: fully visible, one visible (the last token), none, ragged, ...
-        for i in range(b):
-            if i % 4 == 0:
-                keep[i] = True
-            elif i % 4 == 1:
-                keep[i] = False
-                keep[i, -1] = True
-            elif i % 4 == 2:
-                keep[i] = False
-    return keep
-
-
-def make_qkv(b, h, length, d, dtype, device=DEV):
-    return [torch.randn(b, h, length, d, dtype=dtype, device=device) for _ in range(3)]
+def keep_mask(pattern, b, length):
+    return make_keep(pattern, b, length, device=DEV, empty_at=-1)  # empty_sample: the last sample
 
 
 def ref_fwd_bwd(q, k, v, keep, dout, dtype, scale=None):
@@ -90,10 +66,6 @@ def triton_fwd_bwd(q, k, v, keep, dout, scale=None):
     out = masked_patch_attention(*xs, keep, scale=scale, backend="triton")
     grads = torch.autograd.grad(out, xs, dout)
     return out.detach(), grads
-
-
-def maxerr(a, b):
-    return (a.double() - b.double()).abs().max().item()
 
 
 def check_equivalence(q, k, v, keep, scale=None):
@@ -130,8 +102,8 @@ SHAPES = [(1, 1, 1, 16), (1, 3, 7, 24), (2, 2, 17, 48), (1, 2, 31, 64), (2, 1, 6
 @pytest.mark.parametrize("pattern", PATTERNS)
 def test_fp32_matches_fp64_reference(shape, pattern):
     b, h, length, d = shape
-    q, k, v = make_qkv(b, h, length, d, torch.float32)
-    check_equivalence(q, k, v, make_keep(pattern, b, length))
+    q, k, v = make_qkv((b, h, length, d), torch.float32, device=DEV)
+    check_equivalence(q, k, v, keep_mask(pattern, b, length))
 
 
 @pytest.mark.parametrize("shape", [(1, 2, 7, 16), (2, 1, 65, 48)], ids=lambda s: "x".join(map(str, s)))
@@ -140,8 +112,8 @@ def test_fp32_matches_fp64_reference(shape, pattern):
 def test_lowp_equivalence_rule(shape, pattern, dtype):
     """bf16 here runs with fp32 dot operands under the interpreter; bf16 tl.dot itself is GPU-only."""
     b, h, length, d = shape
-    q, k, v = make_qkv(b, h, length, d, dtype)
-    check_equivalence(q, k, v, make_keep(pattern, b, length))
+    q, k, v = make_qkv((b, h, length, d), dtype, device=DEV)
+    check_equivalence(q, k, v, keep_mask(pattern, b, length))
 
 
 def test_custom_scale_and_noncontiguous_inputs():
@@ -149,15 +121,15 @@ def test_custom_scale_and_noncontiguous_inputs():
     qkv = torch.randn(b, length, 3, h, d, device=DEV)  # ViT layout: q, k, v are strided views
     q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
     assert not q.is_contiguous()
-    check_equivalence(q, k, v, make_keep("ragged", b, length), scale=0.37)
+    check_equivalence(q, k, v, keep_mask("ragged", b, length), scale=0.37)
 
 
 @settings(deadline=None, max_examples=10)
 @given(b=st.integers(1, 3), h=st.integers(1, 3), length=st.sampled_from([1, 2, 5, 17, 31, 65]),
        d=st.sampled_from([16, 20, 24, 48, 64]), pattern=st.sampled_from(PATTERNS))
 def test_property_fp32(b, h, length, d, pattern):
-    q, k, v = make_qkv(b, h, length, d, torch.float32)
-    check_equivalence(q, k, v, make_keep(pattern, b, length))
+    q, k, v = make_qkv((b, h, length, d), torch.float32, device=DEV)
+    check_equivalence(q, k, v, keep_mask(pattern, b, length))
 
 
 # ---------------------------------------------------------------------------------------
@@ -168,8 +140,8 @@ def test_property_fp32(b, h, length, d, pattern):
 def test_launchers_write_every_element_of_poisoned_buffers(dtype):
     km = kernels()
     b, h, length, d = 2, 2, 65, 24  # L spans two blocks + a tail, D padded 24 -> 32
-    q, k, v = make_qkv(b, h, length, d, dtype)
-    keep = make_keep("empty_sample", b, length)
+    q, k, v = make_qkv((b, h, length, d), dtype, device=DEV)
+    keep = keep_mask("empty_sample", b, length)
     nan = dict(dtype=dtype, device=DEV)
     out = torch.full((b, h, length, d), float("nan"), **nan)
     lse = torch.full((b, h, length), float("nan"), dtype=torch.float32, device=DEV)
@@ -190,7 +162,7 @@ def test_launchers_write_every_element_of_poisoned_buffers(dtype):
 
 def test_launcher_rejects_bad_out_buffer():
     km = kernels()
-    q, k, v = make_qkv(1, 1, 5, 16, torch.float32)
+    q, k, v = make_qkv((1, 1, 5, 16), torch.float32, device=DEV)
     with pytest.raises(ValueError, match="out"):
         km.attn_fwd(q, k, v, None, None, out=torch.empty(1, 1, 5, 8, device=DEV))
 
@@ -198,8 +170,8 @@ def test_launcher_rejects_bad_out_buffer():
 def test_hidden_query_rows_do_not_feed_gradients():
     """Upstream grads on hidden query rows must change nothing (dq, dk, dv)."""
     b, h, length, d = 2, 2, 17, 24
-    q, k, v = make_qkv(b, h, length, d, torch.float32)
-    keep = make_keep("ragged", b, length)
+    q, k, v = make_qkv((b, h, length, d), torch.float32, device=DEV)
+    keep = keep_mask("ragged", b, length)
     dout = torch.randn_like(q)
     hidden = (~keep)[:, None, :, None].expand_as(dout)
     dout2 = torch.where(hidden, 1e3 * torch.randn_like(dout), dout)
@@ -212,7 +184,7 @@ def test_hidden_query_rows_do_not_feed_gradients():
 
 
 def test_sample_with_no_visible_patch_is_zero_and_nan_free():
-    q, k, v = make_qkv(2, 2, 9, 16, torch.float32)
+    q, k, v = make_qkv((2, 2, 9, 16), torch.float32, device=DEV)
     keep = torch.ones(2, 9, dtype=torch.bool, device=DEV)
     keep[1] = False
     out, grads = triton_fwd_bwd(q, k, v, keep, torch.randn_like(q))
@@ -270,7 +242,7 @@ def check_poisoned_launch(q, k, v, keep, scale=None):
 def test_visible_index_is_a_stable_partition(length):
     """vis = visible tokens ascending, then hidden ones ascending (a stable sort of ~keep); count = sum."""
     km = kernels()
-    keep = make_keep("mixed", 6, length)
+    keep = keep_mask("mixed", 6, length)
     keep[5] = torch.rand(length, device=DEV) < 0.5
     vis, count = km.visible_index(keep)
     assert vis.dtype == torch.int32 and count.dtype == torch.int32 and vis.shape == keep.shape
@@ -284,15 +256,15 @@ def test_visible_index_is_a_stable_partition(length):
 @pytest.mark.parametrize("pattern", ["none", "all", "mixed", "empty_sample"])
 def test_poisoned_buffers_every_pattern(shape, pattern):
     b, h, length, d = shape
-    q, k, v = make_qkv(b, h, length, d, torch.float32)
-    check_poisoned_launch(q, k, v, make_keep(pattern, b, length))
+    q, k, v = make_qkv((b, h, length, d), torch.float32, device=DEV)
+    check_poisoned_launch(q, k, v, keep_mask(pattern, b, length))
 
 
 def test_hidden_tokens_are_never_read():
     """q, k, v and dO rows of hidden tokens are not loaded: NaN there changes no output bit."""
     b, h, length, d = 4, 2, 67, 24
-    q, k, v = make_qkv(b, h, length, d, torch.float32)
-    keep = make_keep("mixed", b, length)
+    q, k, v = make_qkv((b, h, length, d), torch.float32, device=DEV)
+    keep = keep_mask("mixed", b, length)
     dout = torch.randn_like(q)
     hidden = (~keep)[:, None, :, None].expand_as(q)
     nan = [torch.where(hidden, float("nan"), x) for x in (q, k, v, dout)]
@@ -322,7 +294,7 @@ def test_work_follows_visible_count_not_length(pattern):
     visits none; the backward's dk/dv and dq loops likewise. No timing."""
     km = kernels()
     b, h, length, d = 6, 2, 200, 16
-    q, k, v = make_qkv(b, h, length, d, torch.float32)
+    q, k, v = make_qkv((b, h, length, d), torch.float32, device=DEV)
     if pattern == "none":
         keep, count = None, torch.full((b,), length)
     else:
@@ -375,7 +347,7 @@ def test_property_poisoned_arbitrary_masks(data, b, length, d):
     """Arbitrary keep masks (any count per sample, 0 and L included), NaN-poisoned outputs."""
     bits = data.draw(st.lists(st.lists(st.booleans(), min_size=length, max_size=length), min_size=b, max_size=b))
     keep = torch.tensor(bits, dtype=torch.bool, device=DEV)
-    q, k, v = make_qkv(b, 1, length, d, torch.float32)
+    q, k, v = make_qkv((b, 1, length, d), torch.float32, device=DEV)
     # a custom scale below d**-0.5: larger logits amplify fp32 rounding past atol 1e-6 at d 96 (the fp32
     # reference itself misses that bound at scale 0.3, d 96)
     factor = data.draw(st.sampled_from([None, 0.6]))
@@ -388,8 +360,8 @@ def test_property_poisoned_arbitrary_masks(data, b, length, d):
 
 @pytest.mark.parametrize("pattern", ["none", "ragged"])
 def test_opcheck(pattern):
-    q, k, v = make_qkv(2, 1, 7, 16, torch.float32)
-    keep = make_keep(pattern, 2, 7)
+    q, k, v = make_qkv((2, 1, 7, 16), torch.float32, device=DEV)
+    keep = keep_mask(pattern, 2, 7)
     qg, kg, vg = (x.clone().requires_grad_(True) for x in (q, k, v))
     torch.library.opcheck(torch.ops.maep_fast.masked_patch_attention_triton.default, (qg, kg, vg, keep, 0.25))
     out, lse = torch.ops.maep_fast.masked_patch_attention_triton(q, k, v, keep, 0.25)
@@ -398,8 +370,8 @@ def test_opcheck(pattern):
 
 
 def test_custom_op_autograd_matches_autograd_function():
-    q, k, v = make_qkv(1, 2, 11, 24, torch.float32)
-    keep = make_keep("ragged", 1, 11)
+    q, k, v = make_qkv((1, 2, 11, 24), torch.float32, device=DEV)
+    keep = keep_mask("ragged", 1, 11)
     dout = torch.randn_like(q)
     xs = [x.clone().requires_grad_(True) for x in (q, k, v)]
     out_op, lse = torch.ops.maep_fast.masked_patch_attention_triton(*xs, keep, 0.3)
@@ -415,8 +387,8 @@ def test_custom_op_autograd_matches_autograd_function():
 
 @pytest.mark.parametrize("pattern", ["none", "ragged"])
 def test_torch_compile_fullgraph_through_triton_op(pattern):
-    q, k, v = make_qkv(2, 2, 9, 24, torch.float32)
-    keep = make_keep(pattern, 2, 9)
+    q, k, v = make_qkv((2, 2, 9, 24), torch.float32, device=DEV)
+    keep = keep_mask(pattern, 2, 9)
 
     def f(q, k, v, keep):
         return masked_patch_attention(q, k, v, keep, backend="triton").square().sum()
@@ -450,7 +422,7 @@ def test_reference_gradcheck_fp64():
 def test_auto_uses_triton_when_first_and_falls_back_for_fp64(monkeypatch):
     monkeypatch.setitem(dispatch.AUTO_ORDER, DEV, ("triton", "torch"))
     monkeypatch.delenv("MAEP_FAST_BACKEND", raising=False)
-    q, k, v = make_qkv(1, 1, 6, 16, torch.float32)
+    q, k, v = make_qkv((1, 1, 6, 16), torch.float32, device=DEV)
     q.requires_grad_(True)
     assert "MaskedPatchAttentionTriton" in type(masked_patch_attention(q, k, v).grad_fn).__name__
     q64, k64, v64 = (x.detach().double() for x in (q, k, v))
@@ -462,7 +434,7 @@ def test_auto_uses_triton_when_first_and_falls_back_for_fp64(monkeypatch):
 
 def test_env_backend_triton_is_explicit(monkeypatch):
     monkeypatch.setenv("MAEP_FAST_BACKEND", "triton")
-    q, k, v = make_qkv(1, 1, 3, 16, torch.float64)
+    q, k, v = make_qkv((1, 1, 3, 16), torch.float64, device=DEV)
     with pytest.raises(TypeError, match="q must have dtype"):
         masked_patch_attention(q, k, v)
 
@@ -470,14 +442,13 @@ def test_env_backend_triton_is_explicit(monkeypatch):
 @pytest.mark.skipif(ON_GPU, reason="checks the CPU-without-interpreter refusal")
 def test_triton_on_cpu_without_interpreter_raises(monkeypatch):
     monkeypatch.setattr(dispatch, "triton_interpreted", lambda: False)
-    monkeypatch.setattr(dispatch, "_RESOLVED", {}, raising=False)  # a fresh backend-resolution cache
-    q, k, v = make_qkv(1, 1, 4, 16, torch.float32, device="cpu")
+    q, k, v = make_qkv((1, 1, 4, 16), torch.float32, device="cpu")
     with pytest.raises(RuntimeError, match="triton.*CUDA tensors"):
         masked_patch_attention(q, k, v, backend="triton")
 
 
 def test_head_dim_limit_raises():
-    q, k, v = make_qkv(1, 1, 2, 257, torch.float32)
+    q, k, v = make_qkv((1, 1, 2, 257), torch.float32, device=DEV)
     with pytest.raises(ValueError, match="head dim"):
         masked_patch_attention(q, k, v, backend="triton")
 
@@ -517,7 +488,7 @@ def test_forward_tile_pruning(dtype, block_d, length, expect_wide):
     ("backend", ValueError, "backend"),
 ])
 def test_bad_arguments_raise_before_launch(case, exc, match):
-    q, k, v = make_qkv(2, 1, 5, 16, torch.float32)
+    q, k, v = make_qkv((2, 1, 5, 16), torch.float32, device=DEV)
     keep, kw = None, {"backend": "triton"}
     if case == "rank":
         q = q[0]
@@ -551,5 +522,5 @@ def test_bad_arguments_raise_before_launch(case, exc, match):
 @pytest.mark.parametrize("pattern", ["none", "ragged", "empty_sample", "mixed"])
 def test_gpu_equivalence(dtype, shape, pattern):
     b, h, length, d = shape
-    q, k, v = make_qkv(b, h, length, d, dtype)
-    check_equivalence(q, k, v, make_keep(pattern, b, length))
+    q, k, v = make_qkv((b, h, length, d), dtype, device=DEV)
+    check_equivalence(q, k, v, keep_mask(pattern, b, length))

@@ -6,7 +6,7 @@ Compared with the fp64 torch reference
 (maep_fast.ops.masked_patch_attention.masked_patch_attention_reference) under
 design.md's equivalence rule: fp64 1e-12; fp32 allclose(rtol 1e-5, atol 1e-6)
 (else 2x / 3x the fp32 reference's own error + 1e-6 * (1 + max|ref|), and for
-gradients + 1e-5 * (1 + max gradient magnitude), see assert_close_fp);
+gradients + 1e-5 * (1 + max gradient magnitude), see check_case and op_helpers.assert_close_fp);
 fp16/bf16 max|fast - ref64| <= 2 * max|ref_lowp - ref64| + atol (3x for
 gradients), atol = eps(dtype) * (1 + max|ref64|). Covered: L in {1, 7, 17, 65}
 (+ 600: several key blocks), D in {16, 24, 48, 64}, B/H in {1, 2, 3, 5}, keep
@@ -25,7 +25,10 @@ import torch
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from maep_fast._native import native_available, native_unavailable_reason
+from op_helpers import amax, assert_close_fp, make_keep, make_qkv
+
+from maep_fast import native_available
+from maep_fast._native import native_unavailable_reason  # the reason has no public name
 from maep_fast.ops.masked_patch_attention import masked_patch_attention_reference
 
 NATIVE = native_available() and hasattr(torch.ops.maep_fast, "masked_patch_attention_fwd")
@@ -34,7 +37,7 @@ pytestmark = pytest.mark.skipif(
     reason=f"native extension maep_fast._C with masked_patch_attention is not built ({native_unavailable_reason()})",
 )
 if NATIVE:
-    import maep_fast.ops._native_ops  # noqa: F401  (fakes + autograd)
+    import maep_fast.ops  # noqa: F401  (registers the native ops' fakes and autograd)
 
 KEEPS = ("none", "all", "one", "ragged", "empty_sample")
 LS = (1, 7, 17, 65)
@@ -45,26 +48,12 @@ def mpa(*args):
     return torch.ops.maep_fast.masked_patch_attention(*args)
 
 
-def make_keep(kind, b, length, gen=None):
-    if kind == "none":
-        return None
-    if kind == "all":
-        return torch.ones(b, length, dtype=torch.bool)
-    if kind == "one":
-        k = torch.zeros(b, length, dtype=torch.bool)
-        k[:, length // 2] = True
-        return k
-    k = torch.rand(b, length, generator=gen) < 0.5
-    k[:, 0] = True  # cls token always visible
-    if kind == "empty_sample" and b > 1:
-        k[b // 2] = False
-    elif kind == "empty_sample":
-        k[0] = False
-    return k
+def keep_mask(kind, b, length, gen=None):
+    return make_keep(kind, b, length, gen=gen, density=0.5, one_at=length // 2)
 
 
-def make_qkv(shape, dtype, gen=None):
-    return [torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype) for _ in range(3)]
+def qkv(shape, dtype, gen=None):
+    return make_qkv(shape, dtype, gen=gen, draw_dtype=torch.float64)
 
 
 def ref_and_grads(q, k, v, keep, scale, go, dtype=torch.float64):
@@ -83,41 +72,22 @@ def native_and_grads(q, k, v, keep, scale, go):
     return (out.detach(),) + tuple(grads)
 
 
-def assert_close_fp(fast, ref64, dtype, what, ref_lp=None, k=2, mag=None):
-    """fp32 fallback bound for gradients: the flash-style backward forms dS = P * (dP - Delta),
-    Delta = rowsum(dO * O), a difference of O(|dO| |V|) terms, so its absolute error scales with
-    the gradients' magnitude (mag = max over dq, dk, dv) even where the exact gradient is 0
-    (e.g. dq at L = 1): atol = 1e-5 * (1 + mag)."""
-    assert fast.dtype == dtype and fast.shape == ref64.shape, what
-    assert torch.isfinite(fast).all(), "non-finite output (unwritten / poisoned element) " + what
-    if dtype == torch.float64:
-        torch.testing.assert_close(fast, ref64, rtol=1e-12, atol=1e-12, msg=what)
-        return
-    if dtype == torch.float32 and torch.allclose(fast.double(), ref64, rtol=1e-5, atol=1e-6):
-        return
-    assert ref_lp is not None, what
-    err = (fast.double() - ref64).abs().max().item()
-    err_ref = (ref_lp.double() - ref64).abs().max().item()
-    eps = 1e-6 if dtype == torch.float32 else torch.finfo(dtype).eps
-    atol = eps * (1 + ref64.abs().max().item())
-    if mag is not None and dtype == torch.float32:
-        atol = max(atol, 1e-5 * (1 + mag))
-    assert err <= k * err_ref + atol, (what, err, err_ref, atol)
-
-
 def check_case(shape, dtype, keep_kind, gen=None, scale=None):
     b, h, length, d = shape
-    q, k, v = make_qkv(shape, dtype, gen)
-    keep = make_keep(keep_kind, b, length, gen)
+    q, k, v = qkv(shape, dtype, gen)
+    keep = keep_mask(keep_kind, b, length, gen)
     scale = d**-0.5 if scale is None else scale
     go = torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype)
     r64 = ref_and_grads(q, k, v, keep, scale, go)
     rlp = ref_and_grads(q, k, v, keep, scale, go, dtype=dtype) if dtype != torch.float64 else r64
     fast = native_and_grads(q, k, v, keep, scale, go)
     tag = f"{shape} {dtype} keep={keep_kind}"
-    gmag = max(t.abs().max().item() for t in r64[1:])
+    # fp32 gradients: the flash-style backward forms dS = P * (dP - Delta), Delta = rowsum(dO * O), a
+    # difference of O(|dO| |V|) terms, so its absolute error scales with the gradients' magnitude
+    # (gmag = max over dq, dk, dv) even where the exact gradient is 0 (dq at L = 1)
+    gmag = max(amax(t) for t in r64[1:])
     for name, f, r, lp, kk in zip(("out", "dq", "dk", "dv"), fast, r64, rlp, (2, 3, 3, 3)):
-        assert_close_fp(f, r, dtype, f"{name} {tag}", lp, kk, None if name == "out" else gmag)
+        assert_close_fp(f, r, lp, dtype, f"{name} {tag}", kk, fp32_atol=None if name == "out" else 1e-5 * (1 + gmag))
     if keep is not None:
         hidden = ~keep  # [B, L]
         out, dq, dk, dv = fast
@@ -159,8 +129,8 @@ def test_several_key_blocks():
 
 def test_lse_output():
     gen = torch.Generator().manual_seed(7)
-    q, k, v = make_qkv((2, 3, 17, 24), torch.float32, gen)
-    keep = make_keep("ragged", 2, 17, gen)
+    q, k, v = qkv((2, 3, 17, 24), torch.float32, gen)
+    keep = keep_mask("ragged", 2, 17, gen)
     out, lse = torch.ops.maep_fast.masked_patch_attention_fwd(q, k, v, keep, 0.25)
     assert lse.dtype == torch.float32 and lse.shape == (2, 3, 17)
     s = torch.matmul(q.double(), k.double().transpose(-2, -1)) * 0.25
@@ -208,8 +178,8 @@ def test_property_matches_reference(case):
 # ---------------------------------------------------------------- opcheck, compile, gradcheck
 @pytest.mark.parametrize("keep_kind", ["none", "empty_sample"])
 def test_opcheck(keep_kind):
-    q, k, v = [t.requires_grad_(True) for t in make_qkv((2, 3, 7, 16), torch.float32)]
-    keep = make_keep(keep_kind, 2, 7)
+    q, k, v = [t.requires_grad_(True) for t in qkv((2, 3, 7, 16), torch.float32)]
+    keep = keep_mask(keep_kind, 2, 7)
     torch.library.opcheck(torch.ops.maep_fast.masked_patch_attention_fwd.default, (q, k, v, keep, 0.25))
     torch.library.opcheck(torch.ops.maep_fast.masked_patch_attention.default, (q, k, v, keep, 0.25))
     out, lse = torch.ops.maep_fast.masked_patch_attention_fwd(q.detach(), k.detach(), v.detach(), keep, 0.25)
@@ -227,8 +197,8 @@ def test_torch_compile_fullgraph():
         a = torch.ops.maep_fast.masked_patch_attention(q, k, v, keep, 0.25)
         return torch.ops.maep_fast.masked_patch_attention(a, k, v, None, 0.5).square().sum()
 
-    q, k, v = make_qkv((2, 3, 17, 16), torch.float32)
-    keep = make_keep("ragged", 2, 17)
+    q, k, v = qkv((2, 3, 17, 16), torch.float32)
+    keep = keep_mask("ragged", 2, 17)
     l1 = [t.clone().requires_grad_(True) for t in (q, k, v)]
     l2 = [t.clone().requires_grad_(True) for t in (q, k, v)]
     torch._dynamo.reset()
@@ -246,9 +216,9 @@ def test_torch_compile_fullgraph():
 
 @pytest.mark.parametrize("keep_kind", ["none", "ragged", "empty_sample"])
 def test_gradcheck_fp64(keep_kind):
-    q, k, v = [t.requires_grad_(True) for t in make_qkv((2, 2, 7, 5), torch.float64)]
-    keep = make_keep(keep_kind, 2, 7)
-    torch.autograd.gradcheck(lambda a, b, c: mpa(a, b, c, keep, 0.4), (q, k, v))
+    q, k, v = [t.requires_grad_(True) for t in qkv((2, 2, 7, 5), torch.float64)]
+    keep = keep_mask(keep_kind, 2, 7)
+    assert torch.autograd.gradcheck(lambda a, b, c: mpa(a, b, c, keep, 0.4), (q, k, v))
 
 
 def test_loop_gemm_fallback_without_blas():
@@ -257,8 +227,8 @@ def test_loop_gemm_fallback_without_blas():
     import sys
 
     code = (
-        "import torch, maep_fast._native as n; assert n.native_available()\n"
-        "import maep_fast.ops._native_ops\n"
+        "import torch, maep_fast; assert maep_fast.native_available()\n"
+        "import maep_fast.ops\n"
         "from maep_fast.ops.masked_patch_attention import masked_patch_attention_reference as ref\n"
         "torch.manual_seed(0)\n"
         "for dt, tol in ((torch.float32, 1e-5), (torch.float64, 1e-12)):\n"
@@ -280,7 +250,7 @@ def test_loop_gemm_fallback_without_blas():
 
 # ---------------------------------------------------------------- argument errors
 def test_bad_arguments_name_the_argument():
-    q, k, v = make_qkv((2, 3, 7, 16), torch.float32)
+    q, k, v = qkv((2, 3, 7, 16), torch.float32)
     keep = torch.ones(2, 7, dtype=torch.bool)
     fwd = torch.ops.maep_fast.masked_patch_attention_fwd
     fwd(q, k, v, keep, 0.25)

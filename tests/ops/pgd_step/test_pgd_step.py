@@ -5,7 +5,9 @@
 in-place buffers; (c) hypothesis properties; (d) torch.library.opcheck;
 (e) torch.compile(fullgraph=True) with the aot_eager backend (traces the op
 through its fake kernel; inductor is skipped to keep this file fast on 2
-cores); (f) argument validation; (g) backend="cpp" without the extension.
+cores); (f) argument validation; (g) backend="cpp" / "triton" requested where
+it cannot run, and backend="cuda" reaching the native op. Non-contiguous inputs and
+a zero gradient run on every fused backend (cpp, triton).
 Tests that need maep_fast._C skip with the reason when it is not built.
 """
 from __future__ import annotations
@@ -20,7 +22,8 @@ from hypothesis import strategies as st
 from pgd_inputs import assert_in_ball_and_range, make_pgd_inputs as make_inputs
 
 import maep_fast.ops._dispatch as dispatch
-from maep_fast._native import native_available, native_unavailable_reason
+from maep_fast import native_available
+from maep_fast._native import native_unavailable_reason  # the reason has no public name
 from maep_fast.ops.pgd_step import pgd_step, pgd_step_, pgd_step_reference
 
 NATIVE = native_available()
@@ -28,6 +31,20 @@ needs_native = pytest.mark.skipif(
     not NATIVE, reason=f"native extension maep_fast._C is not built ({native_unavailable_reason()})"
 )
 BACKENDS = [pytest.param("torch"), pytest.param("cpp", marks=needs_native)]
+HAS_CUDA = torch.cuda.is_available()
+TRITON_DEVICE = "cuda" if HAS_CUDA else "cpu"  # on CPU machines triton runs under its interpreter
+_TRITON_WHY = dispatch.unavailable_reason("pgd_step", "triton", torch.device(TRITON_DEVICE))
+needs_triton = pytest.mark.skipif(bool(_TRITON_WHY), reason=_TRITON_WHY or "ok")
+# the fused kernels, each on the tensors it takes
+FAST_BACKENDS = [
+    pytest.param("cpp", marks=needs_native),
+    pytest.param("triton", marks=[needs_triton, pytest.mark.filterwarnings(
+        "ignore:Conversion of an array with ndim > 0:DeprecationWarning")]),  # the interpreter's, not ours
+]
+
+
+def device_of(backend):
+    return TRITON_DEVICE if backend == "triton" else "cpu"
 LOWP = (torch.float16, torch.bfloat16)
 
 
@@ -162,27 +179,30 @@ def test_cpp_large_samples(shape, norm):
     _check_against_reference(out, x, g, x0, step, eps, norm, -1, (0.0, 1.0))
 
 
-@needs_native
-def test_cpp_noncontiguous_and_scalar_args():
-    x, g, x0, _, _ = make_inputs((4, 6, 10), torch.float32)
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+def test_noncontiguous_and_scalar_args(backend):
+    dev = device_of(backend)
+    x, g, x0, _, _ = (t.to(dev) for t in make_inputs((4, 6, 10), torch.float32))
     xt, gt, x0t = x.transpose(1, 2), g.transpose(1, 2), x0.transpose(1, 2)  # non-contiguous views
     for norm in ("linf", "l2"):
-        got = pgd_step(xt, gt, x0t, 0.01, 0.02, norm=norm, backend="cpp")
+        got = pgd_step(xt, gt, x0t, 0.01, 0.02, norm=norm, backend=backend)
         ref = pgd_step(xt, gt, x0t, 0.01, 0.02, norm=norm, backend="torch")
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
         xi = xt.clone(memory_format=torch.preserve_format)
         assert not xi.is_contiguous()
-        pgd_step_(xi, gt, x0t, torch.tensor(0.01), torch.tensor([0.02]), norm=norm, backend="cpp")
+        # a 0-d step and a one-element eps tensor stand for every sample
+        pgd_step_(xi, gt, x0t, torch.tensor(0.01, device=dev), torch.tensor([0.02], device=dev), norm=norm,
+                  backend=backend)
         torch.testing.assert_close(xi, ref, rtol=1e-5, atol=1e-6)
 
 
-@needs_native
-def test_cpp_zero_grad_does_not_move():
-    x, _, x0, _, _ = make_inputs((3, 20), torch.float32)
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+def test_zero_grad_does_not_move(backend):
+    x, _, x0, _, _ = (t.to(device_of(backend)) for t in make_inputs((3, 20), torch.float32))
     g = torch.zeros_like(x)
-    out = pgd_step(x, g, x0, 0.1, 10.0, norm="linf", clamp=None, backend="cpp")
+    out = pgd_step(x, g, x0, 0.1, 10.0, norm="linf", clamp=None, backend=backend)
     assert torch.equal(out, x)
-    out = pgd_step(x, g, x0, 0.1, 10.0, norm="l2", clamp=None, backend="cpp")
+    out = pgd_step(x, g, x0, 0.1, 10.0, norm="l2", clamp=None, backend=backend)
     assert torch.equal(out, x0 + (x - x0))  # the reference's rounding: x0 + delta * 1
 
 
@@ -354,15 +374,50 @@ def test_native_op_checks_name_the_argument():
         torch.ops.maep_fast.pgd_step_(x.transpose(1, 2), g.transpose(1, 2), x0.transpose(1, 2), s, e, "l2", 1, 0.0, 1.0)
 
 
-# ---------------------------------------------------------------- (g) cpp requested but unavailable
-def test_cpp_backend_without_native_raises(monkeypatch):
-    monkeypatch.setattr(dispatch, "native_available", lambda: False)
+# ---------------------------------------------------------------- (g) a backend requested but unavailable
+@pytest.mark.parametrize("backend, switched_off", [
+    ("cpp", "native_available"),
+    pytest.param("triton", "triton_interpreted", marks=[
+        needs_triton, pytest.mark.skipif(HAS_CUDA, reason="CPU tensors: triton is available only through the interpreter")]),
+])
+def test_backend_requested_but_unavailable_raises(monkeypatch, backend, switched_off):
+    monkeypatch.setattr(dispatch, switched_off, lambda: False)
     x, g, x0 = _good()
-    with pytest.raises(RuntimeError, match="cpp"):
-        pgd_step(x, g, x0, 0.01, 0.03, backend="cpp")
-    with pytest.raises(RuntimeError, match="cpp"):
-        pgd_step_(x, g, x0, 0.01, 0.03, backend="cpp")
-    # auto falls back to the reference when the extension is missing
+    with pytest.raises(RuntimeError, match=backend):
+        pgd_step(x, g, x0, 0.01, 0.03, backend=backend)
+    with pytest.raises(RuntimeError, match=backend):
+        pgd_step_(x, g, x0, 0.01, 0.03, backend=backend)
+    # auto falls back to what is available (the reference at least)
     torch.testing.assert_close(
         pgd_step(x, g, x0, 0.01, 0.03, backend="auto"), pgd_step(x, g, x0, 0.01, 0.03, backend="torch")
     )
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_cuda_backend_reaches_the_native_op(monkeypatch, inplace):
+    """backend 'cuda' must call the native op (the dispatcher picks its CUDA kernel), never the reference."""
+    import importlib
+
+    mod = importlib.import_module("maep_fast.ops.pgd_step")  # the module (maep_fast.ops re-exports a function of that name)
+
+    calls = []
+    monkeypatch.setattr(mod, "resolve_backend", lambda op, backend, device: "cuda")
+
+    class _Op:  # stands in for an OpOverload: called directly, or through its C++ entry ``_op``
+        def __init__(self, name):
+            self.name = name
+
+        def __call__(self, x, *a):
+            calls.append(self.name)
+            return x.clone()
+
+        @property
+        def _op(self):
+            return self
+
+    monkeypatch.setattr(mod, "_native", lambda name, per_sample: _Op(name))
+    monkeypatch.setattr(mod, "pgd_step_reference", lambda *a: pytest.fail("reference used for backend='cuda'"))
+    x = torch.rand(2, 3)
+    fn = mod.pgd_step_ if inplace else mod.pgd_step
+    fn(x, torch.randn(2, 3), x.clone(), 0.1, 0.2, backend="cuda")
+    assert calls == (["pgd_step_"] if inplace else ["pgd_step"])

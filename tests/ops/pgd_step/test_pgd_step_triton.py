@@ -153,26 +153,6 @@ def test_l2_one_pass_and_three_launch_paths_meet(m, dtype):
     assert (m <= tk.RESIDENT_MAX) == (m == 4096)
 
 
-def test_noncontiguous_inputs():
-    x, g, x0, _, _ = make_inputs((4, 6, 10), torch.float32)
-    xt, gt, x0t = x.transpose(1, 2), g.transpose(1, 2), x0.transpose(1, 2)
-    for norm in ("linf", "l2"):
-        got = pgd_step(xt, gt, x0t, 0.01, 0.02, norm=norm, backend="triton")
-        ref = pgd_step(xt, gt, x0t, 0.01, 0.02, norm=norm, backend="torch")
-        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
-        xi = xt.clone(memory_format=torch.preserve_format)
-        assert not xi.is_contiguous()
-        pgd_step_(xi, gt, x0t, 0.01, 0.02, norm=norm, backend="triton")
-        torch.testing.assert_close(xi, ref, rtol=1e-5, atol=1e-6)
-
-
-def test_zero_grad_does_not_move():
-    x, _, x0, _, _ = make_inputs((3, 20), torch.float32)
-    g = torch.zeros_like(x)
-    assert torch.equal(pgd_step(x, g, x0, 0.1, 10.0, norm="linf", clamp=None, backend="triton"), x)
-    assert torch.equal(pgd_step(x, g, x0, 0.1, 10.0, norm="l2", clamp=None, backend="triton"), x0 + (x - x0))
-
-
 @pytest.mark.parametrize("norm", ["linf", "l2"])
 def test_nan_propagates_like_reference(norm):
     x, g, x0, step, eps = make_inputs((3, 17), torch.float32)
@@ -293,13 +273,3 @@ def test_bad_inputs_raise_before_launch():
         pgd_step(x, g, x0, 0.01, 0.03, norm="l3", backend="triton")
     with pytest.raises(ValueError, match="direction"):
         pgd_step_(x, g, x0, 0.01, 0.03, direction=0, backend="triton")
-
-
-@pytest.mark.skipif(HAS_CUDA, reason="CPU tensors: triton is available only through the interpreter")
-def test_triton_requested_but_unavailable_raises(monkeypatch):
-    monkeypatch.setattr(dispatch, "triton_interpreted", lambda: False)
-    x, g, x0, _, _ = make_inputs((2, 3, 4), torch.float32)
-    with pytest.raises(RuntimeError, match="triton"):
-        pgd_step(x, g, x0, 0.01, 0.03, backend="triton")
-    with pytest.raises(RuntimeError, match="triton"):
-        pgd_step_(x, g, x0, 0.01, 0.03, backend="triton")
