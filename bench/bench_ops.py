@@ -156,7 +156,7 @@ def attn_config(device, dtype, b, h, length, d, keep_frac) -> Config:
 
 
 def build_configs(device, ops, dtypes, attn_dtypes, quick) -> list[Config]:
-    """Issue 12's large shapes and issue 13's attention shapes first, the earlier small shapes after."""
+    """The large shapes and the ViT-B attention shapes first, the earlier small shapes after."""
     gpu = device.type == "cuda"
     if gpu:
         pgd_shapes = [(64, 3, 224, 224), (4096, 3, 32, 32), (512, 3, 32, 32)]
@@ -326,7 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "float32 on cpu)")
     ap.add_argument("--dtype", default=None, help="one dtype for every op (overrides --dtypes and --attn-dtypes)")
     ap.add_argument("--attn-dtypes", default=None,
-                    help="attention dtypes (default bfloat16 on cuda: issue 13's shapes; float32 on cpu)")
+                    help="attention dtypes (default bfloat16 on cuda: the ViT-B attention shapes; float32 on cpu)")
     ap.add_argument("--ops", default="pgd_step,patch_recon_loss,masked_patch_attention")
     ap.add_argument("--compile", dest="use_compile", action="store_true", default=None,
                     help="include torch.compile(reference) (default on for cuda, off for cpu: inductor C++ builds are slow)")

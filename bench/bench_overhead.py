@@ -8,7 +8,7 @@ the dispatcher, allocation. Each case is timed as ``--calls`` back-to-back calls
 one synchronize after them, so the GPU never waits on the host), in ``--rounds`` rounds that
 alternate with the same number of ``torch.add`` calls; the report gives the median per-call
 microseconds of each and the median of the per-round ratios (one thread by default: the
-ratio is what issue #11 bounds, at most 6x ``torch.add`` for the ops under ``auto``). The ratio
+ratio is what the host-cost contract bounds, at most 6x ``torch.add`` for the ops under ``auto``). The ratio
 is also given by this thread's CPU time, which a loaded machine does not inflate.
 
 The call patterns are the ones the model and the purifiers make: ``pgd_step_`` in place with

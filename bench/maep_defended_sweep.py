@@ -7,9 +7,13 @@ Trains the ``demo`` preset against a fixed classifier (optionally starting from 
 * oblivious: torchattacks PGD-20 (step eps/4, random start) on the classifier alone, then purified;
 * adaptive full-gradient: torchattacks PGD-20 through purifier + classifier (for a randomized
   purifier, ``--purifier-mask-ratio`` > 0, torchattacks EOT-PGD with ``--eval-eot`` draws);
-* with ``--autoattack``: torchattacks AutoAttack (standard, or rand for a randomized purifier)
-  through purifier + classifier, at the cut budget ``--aa-steps`` APGD/FAB iterations and
+* with ``--autoattack``: torchattacks AutoAttack-standard on the classifier alone (no defense, and
+  oblivious: those examples purified), and AutoAttack (standard, or rand for a randomized purifier)
+  through purifier + classifier; all at the cut budget ``--aa-steps`` APGD/FAB iterations and
   250 Square queries.
+
+``--target classifier`` with ``--w-cls 0`` trains the paper's recipe, ``--w-cls 1`` the guided one;
+``--epochs 0 --stage2-epochs 0 --init DIR`` only evaluates a saved purifier.
 
 Appends one JSON line to ``--out`` and, with ``--save``, writes the purifier checkpoint.
 
@@ -117,6 +121,12 @@ def main() -> None:
     xa = atk(x, y)
     res[f"adaptive_pgd20_eot{eot}"] = acc(xa)
     if a.autoattack:
+        torch.manual_seed(3)
+        xa = run_attack(clf, x, y, "autoattack", eps=eps, steps=a.aa_steps, n_queries=250, version="standard")
+        with torch.no_grad():
+            res[f"no_defense_autoattack_standard_steps{a.aa_steps}"] = round(
+                (clf(xa).argmax(1) == y).float().mean().item() * 100, 2)
+        res[f"oblivious_autoattack_standard_steps{a.aa_steps}"] = acc(xa)
         torch.manual_seed(3)
         xa = run_attack(defended, x, y, "autoattack", eps=eps, steps=a.aa_steps, n_queries=250,
                         version="rand" if randomized else "standard", eot=eot)

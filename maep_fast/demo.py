@@ -93,7 +93,7 @@ class DefendedDemo:
     epochs: int = 0
     steps: int = 3  # PGD steps of the pairs, step eps/2
     eps: float = 16 / 255
-    classifier_frac: float = 0.3
+    classifier_frac: float = 0.5
     lr: float = 1e-3
     train_n: int = 0  # 0 = the whole train split
 

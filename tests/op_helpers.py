@@ -141,7 +141,7 @@ def poison(numel: int, device=CUDA, dtype=torch.float32) -> None:
 
 def assert_sync_free(run, rtol=None, atol=None):
     """Once warmed up (Triton JIT, lazy init), ``run()`` -> tuple of CUDA tensors synchronizes nothing
-    with the host (issue #11: conftest.no_sync raises on ``.item()``, ``bool(tensor)``, a blocking
+    with the host (conftest.no_sync raises on ``.item()``, ``bool(tensor)``, a blocking
     copy) and gives what the warm-up call gave."""
     from conftest import no_sync
 

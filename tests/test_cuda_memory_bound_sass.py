@@ -1,5 +1,5 @@
 """What nvcc makes of the memory-bound kernels (kernels/pgd_step.cu, kernels/patch_recon_loss.cu),
-checked without a GPU (issue #12: bandwidth).
+checked without a GPU (bandwidth).
 
 Compiles the torch-free kernels for sm_80 and sm_90 and reads the SASS back:
   - every packed kernel (template pack width V > 1: 4 fp32, 8 fp16 / bf16, 2 fp64 elements)

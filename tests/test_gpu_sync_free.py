@@ -1,4 +1,4 @@
-"""On CUDA no purification step synchronizes with the host (issue #11): one MAEP purify and one
+"""On CUDA no purification step synchronizes with the host: one MAEP purify and one
 MAE-Pure step run under ``torch.cuda.set_sync_debug_mode("error")``, which raises on any
 synchronizing call (``.item()``, ``bool(tensor)``, a blocking copy). Each op alone:
 tests/ops/<op>/test_<op>_sync_free.py.

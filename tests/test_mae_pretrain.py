@@ -1,4 +1,4 @@
-"""MAE pretraining (issue 15, item 1): train_mae and `maep-fast pretrain`."""
+"""MAE pretraining: train_mae and `maep-fast pretrain`."""
 import json
 
 import pytest

@@ -1,4 +1,4 @@
-"""One-step diffusion purifier (issue 14 item 6): diffuse to t* in closed form, one UNet evaluation
+"""One-step diffusion purifier: diffuse to t* in closed form, one UNet evaluation
 predicts x0. Exact with an exact noise predictor; runs on the DDPM UNet architecture (random weights,
 small widths) with the right shape, range and dtype; deterministic with a seed."""
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Reproducible training (issue 15, item 6): same --seed -> bit-identical checkpoints;
+"""Reproducible training: same --seed -> bit-identical checkpoints;
 a run killed (SIGKILL, or dying mid-write) and resumed -> the uninterrupted run's checkpoint."""
 import json
 import os
