@@ -167,13 +167,18 @@ def test_launcher_rejects_bad_out_buffer():
         km.attn_fwd(q, k, v, None, None, out=torch.empty(1, 1, 5, 8, device=DEV))
 
 
+def _with_hidden_rows(shape, pattern):
+    """fp32 q, k, v [B, H, L, D], a ``pattern`` keep mask [B, L], an upstream gradient like q, and the
+    [B, H, L, D] boolean of the rows that belong to hidden tokens."""
+    b, h, length, d = shape
+    q, k, v = make_qkv(shape, torch.float32, device=DEV)
+    keep = keep_mask(pattern, b, length)
+    return q, k, v, keep, torch.randn_like(q), (~keep)[:, None, :, None].expand_as(q)
+
+
 def test_hidden_query_rows_do_not_feed_gradients():
     """Upstream grads on hidden query rows must change nothing (dq, dk, dv)."""
-    b, h, length, d = 2, 2, 17, 24
-    q, k, v = make_qkv((b, h, length, d), torch.float32, device=DEV)
-    keep = keep_mask("ragged", b, length)
-    dout = torch.randn_like(q)
-    hidden = (~keep)[:, None, :, None].expand_as(dout)
+    q, k, v, keep, dout, hidden = _with_hidden_rows((2, 2, 17, 24), "ragged")
     dout2 = torch.where(hidden, 1e3 * torch.randn_like(dout), dout)
     out, g1 = triton_fwd_bwd(q, k, v, keep, dout)
     _, g2 = triton_fwd_bwd(q, k, v, keep, dout2)
@@ -262,11 +267,7 @@ def test_poisoned_buffers_every_pattern(shape, pattern):
 
 def test_hidden_tokens_are_never_read():
     """q, k, v and dO rows of hidden tokens are not loaded: NaN there changes no output bit."""
-    b, h, length, d = 4, 2, 67, 24
-    q, k, v = make_qkv((b, h, length, d), torch.float32, device=DEV)
-    keep = keep_mask("mixed", b, length)
-    dout = torch.randn_like(q)
-    hidden = (~keep)[:, None, :, None].expand_as(q)
+    q, k, v, keep, dout, hidden = _with_hidden_rows((4, 2, 67, 24), "mixed")
     nan = [torch.where(hidden, float("nan"), x) for x in (q, k, v, dout)]
     clean = launch_poisoned(q, k, v, keep, dout)
     dirty = launch_poisoned(*nan[:3], keep, nan[3])

@@ -180,18 +180,16 @@ def check_low_precision(shape, p, dtype, plain_sum: bool):
             check_case(pred, imgs, mask, ps, False, p, "sum", dtype)
 
 
-@pytest.mark.parametrize("p", [1, 2])
-@pytest.mark.parametrize("shape", [(2, 3, 4, 2, 2), (3, 1, 5, 3, 1), (1, 3, 8, 1, 2)])
-def test_fp16_equivalence_rule(shape, p):
-    check_low_precision(shape, p, torch.float16, plain_sum=True)
+_FP16_CASES = [(s, torch.float16, True) for s in [(2, 3, 4, 2, 2), (3, 1, 5, 3, 1), (1, 3, 8, 1, 2)]]
+_BF16_GPU_CASES = [pytest.param(s, torch.bfloat16, False, marks=[gpu, needs_cuda], id=f"bf16-gpu-{i}")
+                   for i, s in enumerate([(4, 3, 16, 14, 14), (3, 3, 5, 3, 7), (8, 1, 2, 15, 15)])]
 
 
-@gpu
-@needs_cuda
 @pytest.mark.parametrize("p", [1, 2])
-@pytest.mark.parametrize("shape", [(4, 3, 16, 14, 14), (3, 3, 5, 3, 7), (8, 1, 2, 15, 15)])
-def test_bf16_equivalence_rule_gpu(shape, p):
-    check_low_precision(shape, p, torch.bfloat16, plain_sum=False)
+@pytest.mark.parametrize("shape,dtype,plain_sum", _FP16_CASES + _BF16_GPU_CASES)
+def test_low_precision_equivalence_rule(shape, dtype, plain_sum, p):
+    """fp16 (interpreter on CPU) and bf16 (GPU only) against the fp64 reference, equivalence rule."""
+    check_low_precision(shape, p, dtype, plain_sum=plain_sum)
 
 
 @gpu
