@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import digits_setup  # noqa: E402
 from maep_fast import Purifier, load_model, save_model
 from maep_fast.attacks.torchattacks_adapter import run_attack
+from maep_fast.models.grow import deepen_mae
 from maep_fast.models.presets import create_mae
 from maep_fast.train.loop import LoopConfig
 from maep_fast.train.maep import AttackConfig, MAEPConfig, train_maep
@@ -45,6 +46,8 @@ def main() -> None:
     ap.add_argument("--classifier", required=True, help="classifier checkpoint (the demo's SmallCNN)")
     ap.add_argument("--name", required=True)
     ap.add_argument("--init", default=None, help="start from this MAEP checkpoint")
+    ap.add_argument("--deepen", type=int, nargs=2, default=(0, 0), metavar=("ENC", "DEC"),
+                    help="append this many identity blocks to the encoder and the decoder first (deepen_mae)")
     ap.add_argument("--epochs", type=int, default=30, help="stage 1 epochs")
     ap.add_argument("--stage2-epochs", type=int, default=5)
     ap.add_argument("--mask-ratio", type=float, default=0.5)
@@ -58,6 +61,8 @@ def main() -> None:
     ap.add_argument("--purifier-mask-ratio", type=float, default=0.0)
     ap.add_argument("--purifier-masks", type=int, default=1)
     ap.add_argument("--train-eot", type=int, default=1)
+    ap.add_argument("--noise", type=float, default=0.0,
+                    help="Gaussian input noise std (pixels in [0, 1]): in training, in the attack's purifier and at test time")
     ap.add_argument("--w-cls", type=float, default=1.0)
     ap.add_argument("--w-pur", type=float, default=1.0)
     ap.add_argument("--w-mae", type=float, default=1.0)
@@ -73,13 +78,16 @@ def main() -> None:
     a = ap.parse_args()
     clf, train, test = digits_setup(a.classifier, a.threads)
     model = load_model(a.init, expect_kind="mae") if a.init else create_mae("demo", img_size=16)
+    if any(a.deepen):
+        model = deepen_mae(model, *a.deepen)
     teps = a.train_eps / 255
     cfg = MAEPConfig(
         mask_ratio=a.mask_ratio, w_cls=a.w_cls, w_pur=a.w_pur, w_mae=a.w_mae, clean_frac=a.clean_frac,
         attack=AttackConfig(norm="linf", eps=teps, step_size=teps * a.step_frac, steps=a.steps,
                             eps_min=None if a.eps_min is None else a.eps_min / 255, target=a.target,
                             classifier_frac=a.classifier_frac, purifier_mask_ratio=a.purifier_mask_ratio,
-                            purifier_masks=a.purifier_masks, eot=a.train_eot),
+                            purifier_masks=a.purifier_masks, eot=a.train_eot, purifier_noise=a.noise),
+        input_noise=a.noise,
         stage1=LoopConfig(epochs=a.epochs, batch_size=64, lr=a.lr, seed=0, progress=False, desc="stage 1"),
         stage2=LoopConfig(epochs=a.stage2_epochs, batch_size=64, lr=1e-3, warmup_epochs=0.5, seed=1, progress=False,
                           desc="stage 2"))
@@ -89,11 +97,11 @@ def main() -> None:
     model.eval()
     if a.save:
         save_model(model, a.save, meta={"recipe": vars(a)})
-    randomized = a.purifier_mask_ratio > 0
+    randomized = a.purifier_mask_ratio > 0 or a.noise > 0
     if randomized:
         from maep_fast.purify import RandomizedMAEP
-    pur = (RandomizedMAEP(model, mask_ratio=a.purifier_mask_ratio, n_masks=a.purifier_masks) if randomized
-           else Purifier(model))
+    pur = (RandomizedMAEP(model, mask_ratio=a.purifier_mask_ratio, n_masks=a.purifier_masks, noise_std=a.noise)
+           if randomized else Purifier(model))
     eot = a.eval_eot if randomized else 1
     defended = torch.nn.Sequential(pur, clf).eval()
     x, y = test.images[:a.n], test.labels[:a.n]

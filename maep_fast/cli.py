@@ -1,6 +1,6 @@
 """Command line: ``maep-fast <command>`` (also ``python -m maep_fast``).
 
-Commands: demo, train-classifier, pretrain, train, mimir, purify, eval. Numbers such
+Commands: demo, train-classifier, pretrain, train, mimir, rmae-pure, purify, eval. Numbers such
 as eps accept fractions ("8/255").
 
 Every training command seeds torch, numpy and Python's ``random`` with
@@ -230,7 +230,7 @@ def cmd_train(args) -> int:
         attack=AttackConfig(norm=args.norm, eps=args.eps, step_size=args.step_size, steps=args.steps,
                             eps_min=args.eps_min, target=args.attack_target, classifier_frac=args.classifier_frac,
                             purifier_mask_ratio=args.purifier_mask_ratio, purifier_masks=args.purifier_masks,
-                            eot=args.attack_eot),
+                            eot=args.attack_eot, purifier_noise=args.purifier_noise),
         stage1=LoopConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, progress=progress,
                           desc="MAEP stage 1", state_dir=str(out / "state_stage1"), resume=args.resume,
                           snapshot_every=args.snapshot_every),
@@ -238,6 +238,7 @@ def cmd_train(args) -> int:
                           seed=args.seed + 1, progress=progress, desc="MAEP stage 2 (LoRA)",
                           state_dir=str(out / "state_stage2"), resume=args.resume, snapshot_every=args.snapshot_every),
         lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, w_cls=args.w_cls, clean_frac=args.clean_frac,
+        input_noise=args.input_noise,
     )
     classifier = None
     if args.pairs:
@@ -343,6 +344,56 @@ def cmd_mimir(args) -> int:
                                            f"{args.pretrain_epochs} epochs", "history": info["pretrain_history"]})
     print(f"{recipe.describe()}\ntrain accuracy {100 * acc:.2f}%; saved the ViT classifier to {out / 'vit'}"
           f" (evaluate: maep-fast eval --classifier {out / 'vit'} --attack ta-pgd --eps 16/255)")
+    return 0
+
+
+def cmd_rmae_pure(args) -> int:
+    from dataclasses import asdict
+
+    from maep_fast.checkpoint import load_model, save_model
+    from maep_fast.train.loop import LoopConfig
+    from maep_fast.train.rmae_pure import RMAEPureConfig, train_rmae_pure
+
+    if args.unroll > args.train_steps:
+        raise ValueError(f"--unroll {args.unroll} must be <= --train-steps {args.train_steps} (it counts the final "
+                         "purification steps differentiated w.r.t. the MAE)")
+    if args.w_cls == 0 and args.w_rec == 0:
+        raise ValueError("--w-cls and --w-rec are both 0: nothing to train")
+    out = Path(args.out)
+    _check_out_path(out, "--out", directory=True)
+    device = _device(args.device)
+    _seed(args)
+    ds = _load_data(args)
+    c, h, _ = ds.image_shape
+    model = load_model(args.mae, expect_kind="mae", map_location=device)
+    if (model.in_chans, model.img_size) != (c, h):
+        raise ValueError(f"--mae {args.mae} takes {model.in_chans}x{model.img_size}x{model.img_size} images but "
+                         f"--data {args.data} gives {c}x{h}x{h}; pass --image-size {model.img_size}")
+    classifier = load_model(args.classifier, expect_kind="classifier", map_location=device)
+    cfg = RMAEPureConfig(
+        norm=args.norm, eps=args.eps, attack_step_size=args.step_size if args.step_size is not None else args.eps / 4,
+        attack_steps=args.steps, eot=args.attack_eot, train_steps=args.train_steps, step_size=args.pure_step_size,
+        halve_step=not args.no_halve, eta=args.eta, mask_ratio=args.mask_ratio, n_masks=args.masks,
+        unroll=args.unroll, surrogate_temperature=args.temperature, w_cls=args.w_cls, w_rec=args.w_rec,
+        rec_mask_ratio=args.rec_mask_ratio, clean_frac=args.clean_frac, regenerate_every=args.regenerate_every,
+        loop=LoopConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                        warmup_epochs=args.warmup_epochs, progress=not args.no_progress, desc="RMAE-Pure",
+                        state_dir=str(out / "state"), resume=args.resume, snapshot_every=args.snapshot_every))
+    result = train_rmae_pure(model, ds, classifier, cfg)
+    recipe = {k: v for k, v in asdict(cfg).items() if k != "loop"}
+    recipe.update(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, warmup_epochs=args.warmup_epochs,
+                  seed=args.seed)
+    save_model(model, out / "mae", meta={"data": args.data, "image_size": h, "init": args.mae,
+                                          "classifier": args.classifier,
+                                          "trained": f"RMAE-Pure finetune {args.epochs} epochs (stage I PGD through "
+                                                     f"MAE-Pure, stage II straight-through sign, unroll {args.unroll})",
+                                          "recipe": recipe, "history": result["history"],
+                                          "regenerated_at": result["regenerated_at"], "seconds": result["seconds"]})
+    last = result["history"][-1] if result["history"] else None
+    summary = (f"last epoch: ce_cls {last['ce_cls']:.4f}, stage-I accuracy {100 * last['stage1_acc']:.1f}%; "
+               if last else "")
+    print(f"{summary}saved {out / 'mae'} (evaluate: maep-fast eval --purifier {out / 'mae'} "
+          f"--purifier-kind mae-pure --classifier {args.classifier})")
     return 0
 
 
@@ -559,6 +610,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="random-mask reconstructions averaged (see --purifier-mask-ratio)")
     p.add_argument("--attack-eot", type=_POSITIVE_INT, default=1,
                    help="with --attack-target defended: gradient samples averaged per PGD step (EOT)")
+    p.add_argument("--purifier-noise", type=_NONNEG, default=0.0,
+                   help="with --attack-target defended: the purifier the attack sees adds Gaussian noise of this std "
+                        "to its input (averaged over --purifier-masks draws)")
+    p.add_argument("--input-noise", type=_NONNEG, default=0.0,
+                   help="Gaussian noise of this std added to every training input (a noisy purifier: run it with "
+                        "RandomizedMAEP(noise_std=...))")
     p.add_argument("--init", default=None, help="start from this MAEP / MAE checkpoint instead of a fresh preset")
     p.add_argument("--lora-rank", type=_POSITIVE_INT, default=8)
     p.add_argument("--lora-alpha", type=_NONNEG, default=16.0)
@@ -594,6 +651,38 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output directory (ViT classifier in OUT/vit, pretrained MAE in OUT/mae, snapshots in OUT/state_*)")
     p.add_argument("--resume", action="store_true")
     p.set_defaults(func=cmd_mimir)
+
+    p = sub.add_parser("rmae-pure", help="RMAE-Pure: finetune a MAE through MAE-Pure on adversarial examples "
+                                         "(stage I PGD through the purifier, stage II classification loss)")
+    _add_data_args(p, "train")
+    _loop_args(p, epochs=5, lr=1e-4)
+    p.add_argument("--mae", required=True, help="the MAE to finetune (a maep_fast MAE checkpoint directory)")
+    p.add_argument("--classifier", required=True, help="the frozen classifier to defend (checkpoint directory)")
+    p.add_argument("--warmup-epochs", type=_NONNEG, default=0.5)
+    p.add_argument("--norm", default="linf", choices=["linf", "l2"], help="stage-I attack norm")
+    p.add_argument("--eps", type=_NONNEG, default=8 / 255, help="stage-I attack radius (default 8/255)")
+    p.add_argument("--step-size", type=_NONNEG, default=None, help="stage-I PGD step (default eps/4)")
+    p.add_argument("--steps", type=_COUNT, default=10, help="stage-I PGD steps")
+    p.add_argument("--attack-eot", type=_POSITIVE_INT, default=1, help="stage-I gradient samples per PGD step")
+    p.add_argument("--train-steps", type=_POSITIVE_INT, default=10, help="purification steps S_train during training")
+    p.add_argument("--pure-step-size", type=_NONNEG, default=1 / 255,
+                   help="purification step lambda (MAE-Pure's 1/255, halved after S_train/2)")
+    p.add_argument("--no-halve", action="store_true", help="do not halve the purification step after S_train/2")
+    p.add_argument("--eta", type=_NONNEG, default=8 / 255, help="purification L-inf clip radius")
+    p.add_argument("--mask-ratio", type=_OPEN_RATIO, default=0.25, help="purification mask ratio")
+    p.add_argument("--masks", type=_POSITIVE_INT, default=1, help="random masks averaged per purification step")
+    p.add_argument("--unroll", type=_POSITIVE_INT, default=2,
+                   help="final purification steps differentiated w.r.t. the MAE (straight-through sign)")
+    p.add_argument("--temperature", type=_POSITIVE, default=1.0,
+                   help="surrogate tau: backward of sign(g) is that of tanh(g / (tau * mean|g|))")
+    p.add_argument("--w-cls", type=_NONNEG, default=1.0, help="weight of CE(classifier(purified x_adv), y)")
+    p.add_argument("--w-rec", type=_NONNEG, default=1.0, help="weight of the MAE loss on the clean images")
+    p.add_argument("--rec-mask-ratio", type=_OPEN_RATIO, default=0.75, help="mask ratio of the MAE loss term")
+    p.add_argument("--clean-frac", type=_RATIO, default=0.0, help="fraction of each batch purified from the clean image")
+    p.add_argument("--regenerate-every", type=_POSITIVE_INT, default=1, help="epochs between stage-I regenerations")
+    p.add_argument("--out", required=True, help="output directory (checkpoint in OUT/mae, snapshots in OUT/state)")
+    p.add_argument("--resume", action="store_true")
+    p.set_defaults(func=cmd_rmae_pure)
 
     p = sub.add_parser("purify", help="purify image files, write PNGs")
     p.add_argument("--purifier", required=True, help="MAEP checkpoint directory")

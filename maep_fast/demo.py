@@ -24,10 +24,10 @@ steps, EOT, n; sanity checks per section), ``<out>/table.md``,
 ``<out>/acc_vs_eps.png``, ``<out>/grid.png`` (clean | adversarial | MAEP |
 MAE-Pure, each image captioned with the classifier's prediction),
 ``<out>/amv.png`` and the checkpoints ``classifier``, ``maep``, ``mae`` and
-(full demo) ``mimir_vit``.
+(full demo) ``maep_defended``, ``rmae_pure`` and ``mimir_vit``.
 
 ``DemoConfig`` holds one small config per part of the demo (``maep``, ``autoattack``, ``defended``,
-``randomized``, ``mae_pure``, ``mimir``); ``run_demo`` runs the ``STAGES`` in order, each a function of
+``randomized``, ``mae_pure``, ``rmae_pure``, ``mimir``); ``run_demo`` runs the ``STAGES`` in order, each a function of
 the config and the shared ``DemoState`` that returns its report sections, then ``write_report``.
 The presets ``QUICK`` and ``FULL`` are overrides in the flat names (those of metrics.json's "config"):
 ``DemoConfig.from_flat`` applies them, ``DemoConfig.to_flat`` gives a config's flat names back.
@@ -132,6 +132,21 @@ class MAEPureDemo:
 
 
 @dataclass(frozen=True)
+class RMAEPureDemo:
+    """RMAE-Pure (``maep_fast.train.rmae_pure``): the plain MAE finetuned through MAE-Pure + classifier, then
+    MAE-Pure with it at the ``mae_pure`` section's schedule, on the same subset and attacks. Off by default."""
+
+    enabled: bool = False
+    epochs: int = 2
+    train_n: int = 512  # 0 = the whole train split
+    lr: float = 1e-4
+    eps: float = 16 / 255  # stage-I PGD eps (step eps/2)
+    attack_steps: int = 3
+    train_steps: int = 10  # purification steps during training (the last `unroll` differentiated)
+    unroll: int = 2
+
+
+@dataclass(frozen=True)
 class MIMIRDemo:
     """MIMIR ViT rows (maep_fast.train.mimir.MIMIRRecipe, the `maep-fast mimir` defaults; docs/mimir.md). Off in
     the default demo (a useful robust ViT needs minutes of training there): `maep-fast mimir` trains it."""
@@ -174,6 +189,7 @@ class DemoConfig:
     defended: DefendedDemo = field(default_factory=DefendedDemo)
     randomized: RandomizedDemo = field(default_factory=RandomizedDemo)
     mae_pure: MAEPureDemo = field(default_factory=MAEPureDemo)
+    rmae_pure: RMAEPureDemo = field(default_factory=RMAEPureDemo)
     mimir: MIMIRDemo = field(default_factory=MIMIRDemo)
     notes: list = field(default_factory=list)
 
@@ -220,10 +236,11 @@ class DemoConfig:
 
 
 _SECTIONS = {"maep": MAEPDemo, "autoattack": AutoAttackDemo, "defended": DefendedDemo, "randomized": RandomizedDemo,
-             "mae_pure": MAEPureDemo, "mimir": MIMIRDemo}
+             "mae_pure": MAEPureDemo, "rmae_pure": RMAEPureDemo, "mimir": MIMIRDemo}
 # each section's former flat names: its prefix, and the name of its on/off switch (``enabled``)
 _FLAT_PREFIX = {"maep": ("", None), "autoattack": ("aa_", None), "defended": ("defended_", None),
-                "randomized": ("rand_", "maep_rand"), "mae_pure": ("mp_", "mae_pure"), "mimir": ("mimir_", "mimir")}
+                "randomized": ("rand_", "maep_rand"), "mae_pure": ("mp_", "mae_pure"),
+                "rmae_pure": ("rmae_", "rmae_pure"), "mimir": ("mimir_", "mimir")}
 
 
 def _flat_name(section: str, key: str) -> str:
@@ -237,7 +254,8 @@ _FLAT_NAMES = {_flat_name(s, f.name): (s, f.name) for s, typ in _SECTIONS.items(
 
 
 def _is_flat_name(name: str, value) -> bool:
-    """A former flat name; ``mae_pure`` and ``mimir`` are one only with a bool (else the section itself)."""
+    """A former flat name; ``mae_pure``, ``rmae_pure`` and ``mimir`` are one only with a bool (else the section
+    itself)."""
     return name in _FLAT_NAMES and not (name in _SECTIONS and isinstance(value, _SECTIONS[name]))
 
 
@@ -265,7 +283,8 @@ DemoConfig.__init__ = _accept_flat_names(DemoConfig.__init__)
 QUICK = dict(classifier_epochs=1, stage1_epochs=1, stage2_epochs=1, train_steps=1, eval_steps=2, n_eval=32,
              rand_masks=2, rand_eot=1, rand_n=16, mae_epochs=1, mp_steps=2, mp_n=8, mp_attack_steps=1, mp_eot=1,
              mimir_pretrain_epochs=1, mimir_finetune_epochs=1, mimir_steps=1, mimir_n=32, mimir_train_n=128,
-             defended_epochs=1, defended_steps=1, defended_train_n=64)
+             defended_epochs=1, defended_steps=1, defended_train_n=64, rmae_epochs=1, rmae_train_n=16,
+             rmae_attack_steps=1, rmae_train_steps=2, rmae_unroll=1)
 
 # --full: the quality run: MAEP stage 1 60 epochs on PGD-10 pairs at a per-batch eps in [4, 28]/255
 # with classifier guidance (w_cls 1, 20 % clean inputs; the paper's loss alone at 16/255 reached oblivious
@@ -282,7 +301,7 @@ FULL = dict(full=True, stage1_epochs=60, stage2_epochs=5, train_steps=10, train_
             rand_attacks=("pgd",), mae_epochs=80, mp_n=64, mp_oblivious_all=True,
             mp_eta=40 / 255, mp_mask_ratio=0.6,  # the best measured MAE-Pure schedule (docs/results.md, recipes)
             mp_attack_steps=10, mp_eot=2, mp_aa_steps=5, mp_attacks=("pgd", "autoattack"), mimir=True,
-            defended_epochs=12)
+            defended_epochs=12, rmae_pure=True)
 
 
 MIMIR_COMMAND = "maep-fast mimir --out runs/mimir"
@@ -321,6 +340,8 @@ class DemoState:
     ev: ImageDataset | None = None  # the MAEP section's test images (all n_eval)
     purifier: Purifier | None = None
     mae_purifier: torch.nn.Module | None = None  # MAE-Pure on the plain MAE
+    mae_pure_ev: ImageDataset | None = None  # MAE-Pure's attack subset
+    rmae: torch.nn.Module | None = None  # the RMAE-Pure finetuned MAE
 
     @contextmanager
     def timed(self, name: str) -> Iterator[None]:
@@ -478,7 +499,46 @@ def stage_mae_pure(cfg: DemoConfig, state: DemoState) -> Sections:
                 f"fixed subset of {len(ev_m)} test images", f"all {len(ev)} test images, oblivious only"))
         subset["amv"] = _amv(cfg, state.classifier, state.mae, state.mae_purifier, ev_m, state.out)
         sections["mae_pure"] = subset
+        state.mae_pure_ev = ev_m
     return sections
+
+
+def stage_rmae_pure(cfg: DemoConfig, state: DemoState) -> Sections:
+    """Section ``rmae_pure`` (when ``cfg.rmae_pure.enabled`` and MAE-Pure ran): a copy of the plain MAE finetuned
+    through MAE-Pure + classifier (RMAE-Pure), then MAE-Pure on it at the same schedule, oblivious and adaptive
+    with EOT on MAE-Pure's subset."""
+    r, mp = cfg.rmae_pure, cfg.mae_pure
+    if not (r.enabled and mp.enabled and state.mae is not None):
+        return {}
+    import copy
+
+    from maep_fast.purify.mae_pure import MAEPure
+    from maep_fast.train.rmae_pure import RMAEPureConfig, train_rmae_pure
+
+    with state.timed("rmae_pure_train"):
+        data = state.train if not r.train_n or r.train_n >= len(state.train) else state.train.subset(r.train_n,
+                                                                                                    seed=cfg.seed)
+        set_seed(cfg.seed)
+        state.rmae = copy.deepcopy(state.mae).train()
+        rcfg = RMAEPureConfig(eps=r.eps, attack_step_size=r.eps / 2, attack_steps=r.attack_steps,
+                              train_steps=r.train_steps, step_size=mp.step_size, eta=mp.eta, mask_ratio=mp.mask_ratio,
+                              n_masks=mp.masks, unroll=r.unroll,
+                              loop=LoopConfig(epochs=r.epochs, batch_size=cfg.batch_size, lr=r.lr, warmup_epochs=0.5,
+                                              seed=cfg.seed, progress=cfg.progress, desc="RMAE-Pure"))
+        train_rmae_pure(state.rmae, data, state.classifier, rcfg)
+        state.rmae.eval()
+    with state.timed("eval_rmae_pure"):
+        pur = MAEPure(state.rmae, steps=mp.steps, step_size=mp.step_size, halve_step=True, eta=mp.eta,
+                      mask_ratio=mp.mask_ratio, n_masks=mp.masks)
+        section = _sweep(cfg, state.classifier, pur, state.mae_pure_ev, defense="RMAE-Pure", randomized=True,
+                         attacks=mp.attacks or cfg.attacks, steps=mp.attack_steps, aa_steps=mp.aa_steps,
+                         threat_models=(OBLIVIOUS, ADAPTIVE), eot=mp.eot,
+                         note=f"the plain MAE finetuned {r.epochs} ep on {len(data)} train images (RMAE-Pure: "
+                              f"stage I PGD-{r.attack_steps} at {r.eps * 255:.0f}/255 through MAE-Pure S="
+                              f"{r.train_steps} + classifier, stage II CE on the purified output through the last "
+                              f"{r.unroll} steps, straight-through sign, + MAE loss); MAE-Pure as above, on the same "
+                              f"{len(state.mae_pure_ev)} test images")
+    return {"rmae_pure": section}
 
 
 def stage_mimir(cfg: DemoConfig, state: DemoState) -> Sections:
@@ -495,7 +555,7 @@ def stage_mimir(cfg: DemoConfig, state: DemoState) -> Sections:
 
 STAGES: tuple[Callable[[DemoConfig, DemoState], Sections], ...] = (
     stage_classifier, stage_maep, stage_plain_mae, stage_eval_maep, stage_maep_defended, stage_maep_rand,
-    stage_mae_pure, stage_mimir)
+    stage_mae_pure, stage_rmae_pure, stage_mimir)
 
 
 def run_demo(out_dir: str | Path = "runs/demo", cfg: DemoConfig | None = None) -> dict:
@@ -555,7 +615,7 @@ def _merge_rows(sections: Sections) -> list[dict]:
 
 
 def _save_checkpoints(cfg: DemoConfig, state: DemoState) -> None:
-    """classifier, maep and, when trained, maep_defended, mae and mimir_vit under the output folder."""
+    """classifier, maep and, when trained, maep_defended, mae, rmae_pure and mimir_vit under the output folder."""
     out, sections = state.out, state.sections
     meta = {"data": "digits", "image_size": cfg.image_size}
     save_model(state.classifier, out / "classifier", meta=dict(meta))
@@ -566,6 +626,8 @@ def _save_checkpoints(cfg: DemoConfig, state: DemoState) -> None:
         mp = cfg.mae_pure
         save_model(state.mae, out / "mae",
                    meta={**meta, "trained": f"MAE pretraining {mp.mae_epochs} epochs, mask {mp.mae_mask_ratio}"})
+    if state.rmae is not None:
+        save_model(state.rmae, out / "rmae_pure", meta={**meta, "trained": sections["rmae_pure"]["note"]})
     if state.vit is not None:
         save_model(state.vit, out / "mimir_vit", meta={**meta, "trained": sections["mimir"]["description"]})
 

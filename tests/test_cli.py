@@ -102,6 +102,12 @@ def test_demo_full_code_path_on_tiny_settings(tmp_path):
     assert by_defense["MAEP"] == {"PGD-2", "torchattacks-PGD-2", "AutoAttack-standard"}
     assert by_defense["MAEP-rand"] == {"PGD-2"}
     assert by_defense["MAE-Pure"] == {"PGD-1", "AutoAttack-rand"}
+    # RMAE-Pure: the finetuned MAE under MAE-Pure's schedule, attacks and subset
+    rmae = {(r["threat_model"], r["attack"], r["n"]) for r in rows if r["defense"] == "RMAE-Pure"}
+    assert {(tm, a) for tm, a, _ in rmae} >= {("oblivious", "PGD-1"), ("adaptive-full-gradient", "PGD-1"),
+                                              ("adaptive-full-gradient", "AutoAttack-rand")}
+    assert {n for *_, n in rmae} == {4} and "RMAE-Pure" in next(r for r in rows if r["defense"] == "RMAE-Pure")["note"]
+    assert (tmp_path / "rmae_pure" / "config.json").is_file()
     assert all(r["n"] == {"MAEP": 8, "MAEP-rand": 8}.get(r["defense"], r["n"]) for r in rows)
     # MAE-Pure: oblivious rows on all n_eval images, every threat model on the mp_n subset
     mp_n = {(r["threat_model"], r["n"]) for r in rows if r["defense"] == "MAE-Pure"}

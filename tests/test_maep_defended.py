@@ -93,6 +93,41 @@ def test_randomized_purifier_in_the_attack_averages_masked_reconstructions():
     assert not torch.equal(f(x), got)  # fresh masks on every call
 
 
+def test_noisy_purifier_in_the_attack_reconstructs_noisy_inputs():
+    model, clf = tiny_mae().eval(), frozen_cnn()
+    x, _ = _xy()
+    attack = _defended_attack(purifier_noise=0.2, purifier_masks=2)
+    f = defended_model(model, clf, attack)
+    torch.manual_seed(8)
+    got = f(x)
+    torch.manual_seed(8)
+    mean = torch.stack([model.reconstruct(x + 0.2 * torch.randn_like(x), mask_ratio=0.0) for _ in range(2)]).mean(0)
+    torch.testing.assert_close(got, clf(mean.clamp(0, 1)))
+    torch.manual_seed(9)
+    assert not torch.equal(f(x), got)  # fresh noise on every call
+    xg = x.clone().requires_grad_(True)
+    F.cross_entropy(f(xg), torch.zeros(x.shape[0], dtype=torch.long)).backward()
+    assert xg.grad.abs().sum() > 0  # the attack's gradient flows through the noisy purifier
+
+
+def test_input_noise_is_added_to_every_training_input():
+    """With input_noise the loss sees x_adv + sigma * N(0, 1), drawn from the global RNG after the pairs."""
+    from maep_fast.train.maep import _step_fn, maep_loss
+
+    model, clf = tiny_mae().eval(), frozen_cnn()
+    x, y = _xy()
+    cfg = MAEPConfig(w_cls=1.0, input_noise=0.3, attack=AttackConfig(eps=8 / 255, step_size=4 / 255, steps=1))
+    torch.manual_seed(4)
+    got, _ = _step_fn(model, clf, cfg, 0.0)(x, y)
+    torch.manual_seed(4)
+    x_adv = make_adversarial(clf, x, y, cfg.attack)
+    want, _ = maep_loss(model, x_adv + 0.3 * torch.randn_like(x_adv), x, 0.0, 1.0, 1.0, clf, 1.0)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch.manual_seed(4)
+    quiet, _ = _step_fn(model, clf, MAEPConfig(w_cls=1.0, attack=cfg.attack), 0.0)(x, y)
+    assert not torch.equal(quiet, got)
+
+
 def test_training_through_the_purifier_runs_and_lowers_the_defended_loss():
     torch.manual_seed(0)
     model, clf = tiny_mae(), frozen_cnn()
@@ -110,6 +145,7 @@ def test_training_through_the_purifier_runs_and_lowers_the_defended_loss():
     (dict(purifier_mask_ratio=1.0), "purifier_mask_ratio"), (dict(purifier_masks=0), "purifier_masks"),
     (dict(eot=0), "eot"), (dict(steps=-1), "steps"), (dict(eps=float("nan")), "eps"),
     (dict(step_size=-1.0), "step_size"), (dict(norm="l3"), "norm"), (dict(steps=2.5), "steps"),
+    (dict(purifier_noise=-0.1), "purifier_noise"), (dict(purifier_noise=float("inf")), "purifier_noise"),
 ])
 def test_attack_config_rejects_bad_fields(kw, field):
     with pytest.raises(ValueError, match=field):
@@ -123,7 +159,9 @@ def test_mask_ratio_is_validated_at_construction(ratio):
 
 
 @pytest.mark.parametrize("kw,field", [(dict(lora_rank=0), "lora_rank"), (dict(lora_alpha=-1.0), "lora_alpha"),
-                                      (dict(fused="yes"), "fused"), (dict(stage1=5), "stage1")])
+                                      (dict(fused="yes"), "fused"), (dict(stage1=5), "stage1"),
+                                      (dict(input_noise=-0.5), "input_noise"),
+                                      (dict(input_noise=float("nan")), "input_noise")])
 def test_other_maep_config_fields_are_validated(kw, field):
     with pytest.raises(ValueError, match=field):
         MAEPConfig(**kw)
@@ -140,6 +178,10 @@ def test_run_config_names_the_defended_options_and_keeps_plain_runs_unchanged():
     cfg = MAEPConfig(w_cls=1.0, attack=_defended_attack(purifier_mask_ratio=0.25, purifier_masks=2, eot=4))
     run = _run_config("stage1", cfg, tiny_mae(), LoopConfig())["attack"]
     assert run["target"] == "defended" and run["purifier_masks"] == 2 and run["eot"] == 4
+    noisy = MAEPConfig(w_cls=1.0, input_noise=0.25, attack=_defended_attack(purifier_noise=0.25))
+    run = _run_config("stage1", noisy, tiny_mae(), LoopConfig())
+    assert run["input_noise"] == 0.25 and run["attack"]["purifier_noise"] == 0.25
+    assert "input_noise" not in _run_config("stage1", MAEPConfig(), tiny_mae(), LoopConfig())
 
 
 def test_cli_train_through_the_purifier(tmp_path, capsys):
@@ -148,11 +190,13 @@ def test_cli_train_through_the_purifier(tmp_path, capsys):
     args = ["train", "--classifier", str(tmp_path / "clf"), "--image-size", "8", "--subset", "32", "--epochs", "1",
             "--stage2-epochs", "1", "--steps", "1", "--batch-size", "32", "--no-progress", "--w-cls", "1",
             "--attack-target", "defended", "--classifier-frac", "0.25", "--purifier-mask-ratio", "0.25",
-            "--purifier-masks", "2", "--attack-eot", "2", "--eps", "16/255", "--out", str(tmp_path / "m")]
+            "--purifier-masks", "2", "--attack-eot", "2", "--purifier-noise", "0.1", "--input-noise", "0.1",
+            "--eps", "16/255", "--out", str(tmp_path / "m")]
     assert main(args) == 0
     run = json.loads((tmp_path / "m" / "state_stage1" / "state.json").read_text())["run_config"]
     assert run["attack"] == {**run["attack"], "target": "defended", "classifier_frac": 0.25,
-                             "purifier_mask_ratio": 0.25, "purifier_masks": 2, "eot": 2}
+                             "purifier_mask_ratio": 0.25, "purifier_masks": 2, "eot": 2, "purifier_noise": 0.1}
+    assert run["input_noise"] == 0.1
     # finetune the result further, through itself, from --init (stage 1 only)
     again = [a if a != "1" or args[i - 1] != "--stage2-epochs" else "0" for i, a in enumerate(args)]
     assert main([*again[:-1], str(tmp_path / "m2"), "--init", str(tmp_path / "m" / "maep")]) == 0

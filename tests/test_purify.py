@@ -96,6 +96,25 @@ def test_randomized_maep_averages_fresh_masks_and_is_differentiable():
         RandomizedMAEP(tiny_mae(in_chans=1), n_masks=0)
 
 
+def test_randomized_maep_with_input_noise():
+    """noise_std > 0: the mean of reconstructions of x + fresh Gaussian noise (mask ratio 0 allowed then)."""
+    from maep_fast.purify import RandomizedMAEP
+
+    model = tiny_mae(in_chans=1).eval()
+    rnd = RandomizedMAEP(model, mask_ratio=0.0, n_masks=2, noise_std=0.25)
+    assert rnd.config["noise_std"] == 0.25 and rnd.config["kind"] == "MAEP + test-time noise"
+    x = torch.rand(4, 1, 8, 8)
+    torch.manual_seed(3)
+    got = rnd(x)
+    torch.manual_seed(3)
+    want = torch.stack([model.reconstruct(x + 0.25 * torch.randn_like(x), mask_ratio=0.0) for _ in range(2)]).mean(0)
+    torch.testing.assert_close(got, want.clamp(0, 1))
+    assert not torch.equal(rnd.purify(x), rnd.purify(x))
+    for bad in (-0.1, float("nan"), float("inf"), True):
+        with pytest.raises(ValueError, match="noise_std"):
+            RandomizedMAEP(model, noise_std=bad)
+
+
 def test_randomized_maep_import_paths():
     import warnings
 

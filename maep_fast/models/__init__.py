@@ -1,5 +1,6 @@
 """Models: the masked autoencoder purifier, presets, LoRA, classifiers."""
 from maep_fast.models.classifiers import CLASSIFIERS, SmallCNN, WideResNet
+from maep_fast.models.grow import deepen_mae
 from maep_fast.models.lora import (
     LoRALinear,
     apply_decoder_lora,
@@ -14,5 +15,5 @@ from maep_fast.models.presets import PRESETS, create_mae
 
 __all__ = [
     "CLASSIFIERS", "LoRALinear", "MaskedAutoencoderViT", "PRESETS", "SmallCNN", "WideResNet",
-    "apply_decoder_lora", "apply_lora", "create_mae", "lora_layers", "merge_lora", "remove_lora", "unmerge_lora",
+    "apply_decoder_lora", "apply_lora", "create_mae", "deepen_mae", "lora_layers", "merge_lora", "remove_lora", "unmerge_lora",
 ]

@@ -76,7 +76,9 @@ class AttackConfig:
       of ``purifier_masks`` reconstructions under fresh random masks, as ``RandomizedMAEP``;
       output clamped to [0, 1]), with the gradient averaged over ``eot`` draws. This is
       adversarial training of the purifier against the attacker who sees it (AToP). A share
-      ``classifier_frac`` of the batches still gets classifier-only pairs.
+      ``classifier_frac`` of the batches still gets classifier-only pairs. ``purifier_noise`` > 0:
+      the purifier the attack sees adds Gaussian noise of that std to its input first (as
+      ``RandomizedMAEP(noise_std=...)`` at test time), a fresh draw per reconstruction.
     """
 
     norm: str = "linf"
@@ -89,6 +91,7 @@ class AttackConfig:
     purifier_mask_ratio: float = 0.0
     purifier_masks: int = 1
     eot: int = 1
+    purifier_noise: float = 0.0
 
     def __post_init__(self):
         if self.norm not in ("linf", "l2"):
@@ -108,6 +111,8 @@ class AttackConfig:
             raise ValueError(f"purifier_mask_ratio must be in [0, 1), got {self.purifier_mask_ratio!r}")
         _check_int(self.purifier_masks, "purifier_masks", 1)
         _check_int(self.eot, "eot", 1)
+        if not (_is_number(self.purifier_noise) and self.purifier_noise >= 0):
+            raise ValueError(f"purifier_noise must be a finite number >= 0, got {self.purifier_noise!r}")
 
     def draw(self) -> tuple[float, float]:
         """(eps, step_size) for one batch."""
@@ -137,11 +142,12 @@ class MAEPConfig:
     fused: bool = True  # False: the pure-PyTorch reference path for every op (attention, loss, PGD step)
     w_cls: float = 0.0  # classifier guidance (not in the paper): needs the classifier, also with precomputed pairs
     clean_frac: float = 0.0  # fraction of each batch with the clean image as input
+    input_noise: float = 0.0  # std of Gaussian noise added to every training input (a noisy purifier's training)
 
     def __post_init__(self):
         if not (_is_number(self.mask_ratio) and 0 <= self.mask_ratio < 1):
             raise ValueError(f"mask_ratio must be in [0, 1), got {self.mask_ratio!r}")
-        for name in ("w_pur", "w_mae", "w_cls", "lora_alpha"):
+        for name in ("w_pur", "w_mae", "w_cls", "lora_alpha", "input_noise"):
             v = getattr(self, name)
             if not (_is_number(v) and v >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
@@ -197,11 +203,14 @@ def make_adversarial(classifier: nn.Module, x: torch.Tensor, y: torch.Tensor, at
 
 def defended_model(purifier: MaskedAutoencoderViT, classifier: nn.Module, attack: AttackConfig):
     """x [N, C, H, W] -> logits of classifier(clamp(P(x))), P as it runs at test time: one pass at mask
-    ratio 0, or the mean of ``attack.purifier_masks`` reconstructions under fresh random masks."""
-    r, k = attack.purifier_mask_ratio, attack.purifier_masks if attack.purifier_mask_ratio > 0 else 1
+    ratio 0, or the mean of ``attack.purifier_masks`` reconstructions under fresh random masks and/or
+    fresh input noise (``attack.purifier_noise``)."""
+    r, sigma = attack.purifier_mask_ratio, attack.purifier_noise
+    k = attack.purifier_masks if (r > 0 or sigma > 0) else 1
 
     def logits(x: torch.Tensor) -> torch.Tensor:
-        outs = [purifier.reconstruct(x, mask_ratio=r) for _ in range(k)]
+        outs = [purifier.reconstruct(x + sigma * torch.randn_like(x) if sigma > 0 else x, mask_ratio=r)
+                for _ in range(k)]
         purified = outs[0] if k == 1 else torch.stack(outs).mean(0)
         return classifier(purified.float().clamp(0.0, 1.0))
 
@@ -261,6 +270,8 @@ def _step_fn(model, classifier, cfg: MAEPConfig, mask_ratio: float):
             x_adv = make_adversarial(classifier, x, y, cfg.attack, backend=cfg.backend, purifier=model)
         if cfg.clean_frac > 0:
             x_adv = _with_clean_inputs(x_adv, x, cfg.clean_frac)
+        if cfg.input_noise > 0:
+            x_adv = x_adv + cfg.input_noise * torch.randn_like(x_adv)
         return maep_loss(model, x_adv, x, mask_ratio, cfg.w_pur, cfg.w_mae, classifier, cfg.w_cls)
 
     return step
@@ -271,7 +282,7 @@ def _run_config(stage: str, cfg: MAEPConfig, model: MaskedAutoencoderViT, loop: 
     run = {"stage": stage, "model": model.config, "mask_ratio": cfg.mask_ratio, "w_pur": cfg.w_pur,
            "w_mae": cfg.w_mae, "attack": cfg.attack.run_config(), "lr": loop.lr, "batch_size": loop.batch_size,
            "lora_rank": cfg.lora_rank}
-    run.update({k: getattr(cfg, k) for k in ("w_cls", "clean_frac") if getattr(cfg, k)})
+    run.update({k: getattr(cfg, k) for k in ("w_cls", "clean_frac", "input_noise") if getattr(cfg, k)})
     return run
 
 
