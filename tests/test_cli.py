@@ -159,7 +159,7 @@ def test_run_demo_is_its_stages_in_order():
 
     assert [s.__name__ for s in demo.STAGES] == [
         "stage_classifier", "stage_maep", "stage_plain_mae", "stage_eval_maep", "stage_maep_defended",
-        "stage_maep_rand", "stage_mae_pure", "stage_mimir"]
+        "stage_maep_rand", "stage_mae_pure", "stage_rmae_pure", "stage_mimir"]
     assert all(s.__doc__ for s in demo.STAGES)
 
 
