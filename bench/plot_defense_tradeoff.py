@@ -1,0 +1,84 @@
+"""docs/defense_tradeoff.png: oblivious vs adaptive PGD-20 accuracy of every MAEP recipe in
+bench/results/maep_defended_cpu.jsonl (digits, L-inf 16/255, n = 360, torchattacks), with the issue's bars.
+
+    python3 bench/plot_defense_tradeoff.py [--results FILE] [--out PNG]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+# record name -> (label, group); groups: the recipes of the trade-off table, and the variants tried against it
+# label placement where points crowd: name -> (dx, dy, ha) in points
+PLACE = {"g60_deep42_def12_cf05": (0, -14, "center"), "cascade_joint_cf05": (0, 16, "center"),
+         "g60_noise25_def12_cf05": (-6, -10, "right"),
+         "guided60_then_def12_cf05": (4, 12, "left"), "g60_def12_cf05_then_def12_cf05_pgd5": (6, 2, "left"),
+         "guided60_then_def12_cf0.6": (6, -10, "left"), "g60_deep42_def12_cf07": (6, 6, "left"),
+         "guided60_then_def12_cf0.7": (6, -8, "left"), "cascade_frozen_cf05": (-6, -12, "right"),
+         "def_ft12_cf03": (-6, -3, "right")}
+LABELS = {
+    "paper_loss30": ("paper loss", "recipe"),
+    "guided60_full": ("guided", "recipe"),
+    "guided60_then_def12_cf05": ("through itself, cf 0.5", "recipe"),
+    "guided60_then_def12_cf0.6": ("through itself, cf 0.6", "recipe"),
+    "guided60_then_def12_cf0.7": ("through itself, cf 0.7", "recipe"),
+    "def_ft12_cf03": ("through itself from stage 1, cf 0.3", "recipe"),
+    "g60_deep42_def12_cf05": ("deeper, cf 0.5", "variant"),
+    "g60_deep42_def12_cf07": ("deeper, cf 0.7", "variant"),
+    "g60_def12_cf05_then_def12_cf05_pgd5": ("+12 ep PGD-5", "variant"),
+    "cascade_frozen_cf05": ("cascade, guided frozen", "variant"),
+    "cascade_joint_cf05": ("cascade, joint", "variant"),
+    "g60_noise25_def12_cf05": ("input noise 0.25 (EOT 8)", "variant"),
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--results", default=str(ROOT / "bench/results/maep_defended_cpu.jsonl"))
+    ap.add_argument("--out", default=str(ROOT / "docs/defense_tradeoff.png"))
+    a = ap.parse_args()
+    recs = [json.loads(line) for line in Path(a.results).read_text().splitlines() if line.strip()]
+    pts, no_def, clean = [], None, None
+    for r in recs:
+        if r.get("name") not in LABELS or r.get("n") != 360:
+            continue
+        adaptive = next(v for k, v in r.items() if k.startswith("adaptive_pgd20"))
+        pts.append((*LABELS[r["name"]], r["oblivious_pgd20"], adaptive, PLACE.get(r["name"], (5, 4, "left"))))
+        no_def = no_def if no_def is not None else r.get("no_defense_pgd20")
+        clean = clean if clean is not None else r.get("no_defense_clean")
+    fig, ax = plt.subplots(figsize=(8, 5.6))
+    colors = {"recipe": "tab:green", "variant": "tab:gray"}
+    for label, group, obl, adv, (dx, dy, ha) in pts:
+        ax.scatter(obl, adv, s=40, color=colors[group], marker="o" if group == "recipe" else "s", zorder=3)
+        ax.annotate(label, (obl, adv), textcoords="offset points", xytext=(dx, dy), fontsize=8, ha=ha)
+    if no_def is not None:
+        ax.scatter(no_def, no_def, marker="x", color="k", s=50, zorder=3)
+        ax.annotate("no defense", (no_def, no_def), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        ax.axhline(no_def + 20, ls="--", color="gray", lw=0.8)
+        ax.text(46, no_def + 20.8, "adaptive bar: no defense + 20", fontsize=7, color="gray")
+    if clean is not None:
+        ax.axvline(clean - 8, ls=":", color="gray", lw=0.8)
+        ax.text(clean - 7.7, 30, "oblivious bar\n(clean - 8)", fontsize=7, color="gray")
+    ax.scatter([], [], color=colors["recipe"], label="recipes of the trade-off table")
+    ax.scatter([], [], color=colors["variant"], marker="s", label="variants tried against the trade-off")
+    ax.legend(loc="lower left", fontsize=8)
+    ax.set_xlim(44, 100)
+    ax.set_ylim(0, 100)
+    ax.set_xlabel("oblivious PGD-20 accuracy (%)")
+    ax.set_ylabel("adaptive PGD-20 accuracy (%)")
+    ax.set_title("MAEP recipes, digits, L-inf 16/255, n = 360 (torchattacks)", fontsize=10)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(a.out, dpi=100)
+    print(f"wrote {a.out} ({len(pts)} points)")
+
+
+if __name__ == "__main__":
+    main()
