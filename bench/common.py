@@ -394,3 +394,14 @@ def digits_setup(classifier: str, threads: int):
     train, test = load_digits_dataset(16, "train"), load_digits_dataset(16, "test")
     set_seed(0)
     return clf, train, test
+
+
+def append_record(record: dict, path: str | Path, threads: int | None = None) -> None:
+    """For the recipe sweeps: names the machine (CPU, torch version, ``threads``) unless the record
+    already does, prints the record as one JSON line and appends it to ``path``."""
+    if threads is not None:
+        record.setdefault("machine", f"CPU, torch {torch.__version__}, {threads} thread(s)")
+    line = json.dumps(record)
+    print(line, flush=True)
+    with open(path, "a") as f:
+        f.write(line + "\n")

@@ -14,7 +14,6 @@ classifier alone; ``w_cls`` 1, 20 % clean inputs, mask 0). Then, on the first 36
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -23,7 +22,7 @@ import torch
 import torchattacks as ta
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import digits_setup  # noqa: E402
+from common import append_record, digits_setup  # noqa: E402
 from maep_fast import Purifier, load_model
 from maep_fast.train.loop import LoopConfig
 from maep_fast.train.maep import AttackConfig, MAEPConfig, train_maep
@@ -84,11 +83,8 @@ def main() -> None:
     x_ada = ta.PGD(pipe, eps=eps, alpha=eps / 4, steps=20, random_start=True)(x, y)
     res = {"name": a.name, "args": vars(a), "train_s": train_s, "n": len(y), "eps": "16/255",
            "last_epoch": {k: round(float(v), 4) for k, v in hist["stage1"][-1].items() if isinstance(v, (int, float))},
-           "clean": acc(x), "oblivious_pgd20": acc(x_obl), "adaptive_pgd20_eot1": acc(x_ada),
-           "machine": f"CPU, torch {torch.__version__}, 1 thread"}
-    print(json.dumps(res), flush=True)
-    with open(a.out, "a") as f:
-        f.write(json.dumps(res) + "\n")
+           "clean": acc(x), "oblivious_pgd20": acc(x_obl), "adaptive_pgd20_eot1": acc(x_ada)}
+    append_record(res, a.out, 1)
 
 
 if __name__ == "__main__":

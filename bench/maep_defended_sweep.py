@@ -23,7 +23,6 @@ Appends one JSON line to ``--out`` and, with ``--save``, writes the purifier che
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -32,7 +31,7 @@ import torch
 import torchattacks as ta
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import digits_setup  # noqa: E402
+from common import append_record, digits_setup  # noqa: E402
 from maep_fast import Purifier, load_model, save_model
 from maep_fast.attacks.torchattacks_adapter import run_attack
 from maep_fast.models.grow import deepen_mae
@@ -140,10 +139,7 @@ def main() -> None:
                         version="rand" if randomized else "standard", eot=eot)
         res[f"adaptive_autoattack_{'rand' if randomized else 'standard'}_steps{a.aa_steps}"] = acc(xa)
     res["eval_s"] = round(time.time() - t1)
-    res["machine"] = f"CPU, torch {torch.__version__}, {a.threads} thread(s)"
-    print(json.dumps(res), flush=True)
-    with open(a.out, "a") as f:
-        f.write(json.dumps(res) + "\n")
+    append_record(res, a.out, a.threads)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ purifier. Appends one JSON line to ``--out``.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -22,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import digits_setup  # noqa: E402
+from common import append_record, digits_setup  # noqa: E402
 from maep_fast import Purifier, pgd_attack  # noqa: E402
 from maep_fast.models.presets import create_mae  # noqa: E402
 from maep_fast.train.loop import LoopConfig
@@ -77,9 +76,7 @@ def main() -> None:
                             generator=g)
             with torch.no_grad():
                 res[split]["adapt16"] = acc(pur.purify(xa))
-    print(json.dumps(res), flush=True)
-    with open(a.out, "a") as f:
-        f.write(json.dumps(res) + "\n")
+    append_record(res, a.out)
 
 
 if __name__ == "__main__":

@@ -15,27 +15,22 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-# record name -> (label, group); groups: the recipes of the trade-off table, and the variants tried against it
-# label placement where points crowd: name -> (dx, dy, ha) in points
-PLACE = {"g60_deep42_def12_cf05": (0, -14, "center"), "cascade_joint_cf05": (0, 16, "center"),
-         "g60_noise25_def12_cf05": (-6, -10, "right"),
-         "guided60_then_def12_cf05": (4, 12, "left"), "g60_def12_cf05_then_def12_cf05_pgd5": (6, 2, "left"),
-         "guided60_then_def12_cf0.6": (6, -10, "left"), "g60_deep42_def12_cf07": (6, 6, "left"),
-         "guided60_then_def12_cf0.7": (6, -8, "left"), "cascade_frozen_cf05": (-6, -12, "right"),
-         "def_ft12_cf03": (-6, -3, "right")}
-LABELS = {
-    "paper_loss30": ("paper loss", "recipe"),
-    "guided60_full": ("guided", "recipe"),
-    "guided60_then_def12_cf05": ("through itself, cf 0.5", "recipe"),
-    "guided60_then_def12_cf0.6": ("through itself, cf 0.6", "recipe"),
-    "guided60_then_def12_cf0.7": ("through itself, cf 0.7", "recipe"),
-    "def_ft12_cf03": ("through itself from stage 1, cf 0.3", "recipe"),
-    "g60_deep42_def12_cf05": ("deeper, cf 0.5", "variant"),
-    "g60_deep42_def12_cf07": ("deeper, cf 0.7", "variant"),
-    "g60_def12_cf05_then_def12_cf05_pgd5": ("+12 ep PGD-5", "variant"),
-    "cascade_frozen_cf05": ("cascade, guided frozen", "variant"),
-    "cascade_joint_cf05": ("cascade, joint", "variant"),
-    "g60_noise25_def12_cf05": ("input noise 0.25 (EOT 8)", "variant"),
+# record name -> (label, group, label placement (dx, dy, ha) in points); groups: the recipes of the trade-off
+# table, and the variants tried against it
+RIGHT = (5, 4, "left")
+POINTS = {
+    "paper_loss30": ("paper loss", "recipe", RIGHT),
+    "guided60_full": ("guided", "recipe", RIGHT),
+    "guided60_then_def12_cf05": ("through itself, cf 0.5", "recipe", (4, 12, "left")),
+    "guided60_then_def12_cf0.6": ("through itself, cf 0.6", "recipe", (6, -10, "left")),
+    "guided60_then_def12_cf0.7": ("through itself, cf 0.7", "recipe", (6, -8, "left")),
+    "def_ft12_cf03": ("through itself from stage 1, cf 0.3", "recipe", (-6, -3, "right")),
+    "g60_deep42_def12_cf05": ("deeper, cf 0.5", "variant", (0, -14, "center")),
+    "g60_deep42_def12_cf07": ("deeper, cf 0.7", "variant", (6, 6, "left")),
+    "g60_def12_cf05_then_def12_cf05_pgd5": ("+12 ep PGD-5", "variant", (6, 2, "left")),
+    "cascade_frozen_cf05": ("cascade, guided frozen", "variant", (-6, -12, "right")),
+    "cascade_joint_cf05": ("cascade, joint", "variant", (0, 16, "center")),
+    "g60_noise25_def12_cf05": ("input noise 0.25 (EOT 8)", "variant", (-6, -10, "right")),
 }
 
 
@@ -47,10 +42,11 @@ def main() -> None:
     recs = [json.loads(line) for line in Path(a.results).read_text().splitlines() if line.strip()]
     pts, no_def, clean = [], None, None
     for r in recs:
-        if r.get("name") not in LABELS or r.get("n") != 360:
+        if r.get("name") not in POINTS or r.get("n") != 360:
             continue
         adaptive = next(v for k, v in r.items() if k.startswith("adaptive_pgd20"))
-        pts.append((*LABELS[r["name"]], r["oblivious_pgd20"], adaptive, PLACE.get(r["name"], (5, 4, "left"))))
+        label, group, place = POINTS[r["name"]]
+        pts.append((label, group, r["oblivious_pgd20"], adaptive, place))
         no_def = no_def if no_def is not None else r.get("no_defense_pgd20")
         clean = clean if clean is not None else r.get("no_defense_clean")
     fig, ax = plt.subplots(figsize=(8, 5.6))

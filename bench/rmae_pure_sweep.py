@@ -17,7 +17,6 @@ Appends one JSON line to ``--out``; with ``--save`` writes the finetuned MAE.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -26,7 +25,7 @@ import torch
 import torchattacks as ta
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import digits_setup  # noqa: E402
+from common import append_record, digits_setup  # noqa: E402
 from maep_fast import load_model, save_model
 from maep_fast.evaluate import evaluate_strict
 from maep_fast.purify.mae_pure import MAEPure
@@ -103,10 +102,7 @@ def main() -> None:
         print(label, res["purifiers"][label], flush=True)
     with torch.no_grad():
         res["no_defense_pgd20_first_n"] = (clf(x_obl[:a.n]).argmax(1) == test.labels[:a.n]).float().mean().item()
-    res["machine"] = f"CPU, torch {torch.__version__}, {a.threads} thread(s)"
-    print(json.dumps(res), flush=True)
-    with open(a.out, "a") as f:
-        f.write(json.dumps(res) + "\n")
+    append_record(res, a.out, a.threads)
 
 
 if __name__ == "__main__":

@@ -87,3 +87,13 @@ def linear_model(c=1, size=8, k=3, seed=0):
     with torch.no_grad():
         lin.weight.copy_(torch.randn(lin.weight.shape, generator=g))
     return torch.nn.Sequential(torch.nn.Flatten(), lin).eval()
+
+
+def cli_rc(argv):
+    """maep_fast.cli.main's return code, or the exit code when argparse exits itself (SystemExit)."""
+    from maep_fast.cli import main
+
+    try:
+        return main(argv)
+    except SystemExit as exc:
+        return exc.code

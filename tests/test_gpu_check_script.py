@@ -294,3 +294,15 @@ def test_gpu_check_dry_run_runs_the_bench_steps(tmp_path):
     prec = json.loads((out / "results" / "precision_demo_cpu.json").read_text())
     assert {r["precision"] for r in prec["rows"]} == {"fp32", "bf16"} and prec["meta"]["complete"]
     assert all("diff_points" in r for r in prec["rows"] if r["precision"] == "bf16")
+
+
+def test_append_record_names_the_machine_and_appends_one_line(tmp_path, capsys):
+    out = tmp_path / "r.jsonl"
+    common.append_record({"name": "a", "clean": 1.0}, out, threads=1)
+    common.append_record({"name": "b", "machine": "given"}, out, threads=2)
+    common.append_record({"name": "c"}, out)
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [r["name"] for r in lines] == ["a", "b", "c"]
+    assert lines[0]["machine"] == f"CPU, torch {torch.__version__}, 1 thread(s)"
+    assert lines[1]["machine"] == "given" and "machine" not in lines[2]
+    assert capsys.readouterr().out.splitlines()[0] == json.dumps(lines[0])

@@ -79,35 +79,25 @@ def test_classifier_frac_one_gives_classifier_pairs():
     torch.testing.assert_close(mixed, plain, rtol=0, atol=0)
 
 
-def test_randomized_purifier_in_the_attack_averages_masked_reconstructions():
+@pytest.mark.parametrize("kw,mask_ratio,sigma,k", [
+    (dict(purifier_mask_ratio=0.25, purifier_masks=3), 0.25, 0.0, 3),  # random masks
+    (dict(purifier_noise=0.2, purifier_masks=2), 0.0, 0.2, 2),  # Gaussian input noise at mask 0
+])
+def test_randomized_purifier_in_the_attack_averages_fresh_draws(kw, mask_ratio, sigma, k):
     model, clf = tiny_mae().eval(), frozen_cnn()
     x, _ = _xy()
-    attack = _defended_attack(purifier_mask_ratio=0.25, purifier_masks=3)
-    f = defended_model(model, clf, attack)
+    f = defended_model(model, clf, _defended_attack(**kw))
     torch.manual_seed(8)
     got = f(x)
     torch.manual_seed(8)
-    mean = torch.stack([model.reconstruct(x, mask_ratio=0.25) for _ in range(3)]).mean(0)
+    mean = torch.stack([model.reconstruct(x + sigma * torch.randn_like(x) if sigma else x, mask_ratio=mask_ratio)
+                        for _ in range(k)]).mean(0)
     torch.testing.assert_close(got, clf(mean.clamp(0, 1)))
     torch.manual_seed(9)
-    assert not torch.equal(f(x), got)  # fresh masks on every call
-
-
-def test_noisy_purifier_in_the_attack_reconstructs_noisy_inputs():
-    model, clf = tiny_mae().eval(), frozen_cnn()
-    x, _ = _xy()
-    attack = _defended_attack(purifier_noise=0.2, purifier_masks=2)
-    f = defended_model(model, clf, attack)
-    torch.manual_seed(8)
-    got = f(x)
-    torch.manual_seed(8)
-    mean = torch.stack([model.reconstruct(x + 0.2 * torch.randn_like(x), mask_ratio=0.0) for _ in range(2)]).mean(0)
-    torch.testing.assert_close(got, clf(mean.clamp(0, 1)))
-    torch.manual_seed(9)
-    assert not torch.equal(f(x), got)  # fresh noise on every call
+    assert not torch.equal(f(x), got)  # fresh draws on every call
     xg = x.clone().requires_grad_(True)
     F.cross_entropy(f(xg), torch.zeros(x.shape[0], dtype=torch.long)).backward()
-    assert xg.grad.abs().sum() > 0  # the attack's gradient flows through the noisy purifier
+    assert xg.grad.abs().sum() > 0  # the attack's gradient flows through the randomized purifier
 
 
 def test_input_noise_is_added_to_every_training_input():

@@ -5,6 +5,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import cli_rc
 from maep_fast.checkpoint import load_model
 from maep_fast.cli import main
 from maep_fast.models.vit_classifier import ViTClassifier
@@ -77,11 +78,7 @@ def test_mimir_cli_resume_ends_with_identical_weights(tmp_path, monkeypatch):
     (["--steps", "-1"], "argument --steps"),
 ])
 def test_mimir_cli_bad_flags_are_named(tmp_path, capsys, flags, named):
-    try:
-        rc = main(["mimir", "--out", str(tmp_path / "x"), *TINY, *flags])
-    except SystemExit as exc:  # argparse rejects single-flag ranges itself
-        rc = exc.code
-    assert rc == 2
+    assert cli_rc(["mimir", "--out", str(tmp_path / "x"), *TINY, *flags]) == 2
     err = capsys.readouterr().err
     assert named in err and "error" in err
     assert not (tmp_path / "x" / "vit").exists()

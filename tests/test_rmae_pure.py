@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from conftest import frozen_cnn
+from conftest import cli_rc, frozen_cnn
 from maep_fast.checkpoint import load_model, save_model
 from maep_fast.cli import main
 from maep_fast.data import load_digits_dataset
@@ -301,12 +301,8 @@ def test_cli_writes_a_loadable_finetuned_mae(checkpoints, tmp_path, capsys):
 ])
 def test_cli_bad_flags_exit_2_naming_the_flag(checkpoints, tmp_path, capsys, flags, named):
     mae_dir, clf_dir = checkpoints
-    try:
-        rc = main(["rmae-pure", "--mae", str(mae_dir), "--classifier", str(clf_dir), "--out", str(tmp_path / "x"),
-                   *CLI_TINY, *flags])
-    except SystemExit as exc:  # argparse rejects single-flag ranges itself
-        rc = exc.code
-    assert rc == 2
+    assert cli_rc(["rmae-pure", "--mae", str(mae_dir), "--classifier", str(clf_dir), "--out", str(tmp_path / "x"),
+                   *CLI_TINY, *flags]) == 2
     err = capsys.readouterr().err
     assert named in err and "error" in err
     assert not (tmp_path / "x" / "mae").exists()
@@ -316,9 +312,5 @@ def test_cli_needs_mae_and_classifier(checkpoints, tmp_path, capsys):
     mae_dir, clf_dir = checkpoints
     for args, named in ((["--classifier", str(clf_dir)], "--mae"), (["--mae", str(mae_dir)], "--classifier"),
                         (["--mae", str(clf_dir), "--classifier", str(clf_dir)], "expected 'mae'")):
-        try:
-            rc = main(["rmae-pure", *args, "--out", str(tmp_path / "y"), *CLI_TINY])
-        except SystemExit as exc:
-            rc = exc.code
-        assert rc == 2
+        assert cli_rc(["rmae-pure", *args, "--out", str(tmp_path / "y"), *CLI_TINY]) == 2
         assert named in capsys.readouterr().err
