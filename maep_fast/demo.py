@@ -14,6 +14,8 @@ Two sizes:
   PGD-20, torchattacks' PGD-20 and AutoAttack (standard for the
   deterministic MAEP, rand with EOT for the randomized defenses), the full
   table, an accuracy-vs-eps plot and an image grid with predicted labels;
+  MAEP finetuned through itself; RMAE-Pure; MAE-Pure's and RMAE-Pure's adaptive rows from the strict
+  preset (``evaluate_strict``) at a stated reduced budget on a test subset at 16/255;
   MIMIR ViT rows (the ``maep-fast mimir`` recipe; white-box and transferred PGD-20).
 
 MAE-Pure runs on a *plain* MAE pretrained on the train split with the
@@ -50,7 +52,8 @@ from maep_fast._native import native_available
 from maep_fast.checkpoint import save_model
 from maep_fast.data import ImageDataset, load_digits_dataset
 from maep_fast.evaluate import (ADAPTIVE, BPDA_EOT, NO_ATTACK, OBLIVIOUS, EvalConfig, accuracy_vs_eps, attack_name,
-                                format_table, markdown_table, result_row, save_accuracy_vs_eps_plot)
+                                evaluate_strict, format_table, markdown_table, result_row, sanity_checks,
+                                save_accuracy_vs_eps_plot, strict_attack_names)
 from maep_fast.models.classifiers import SmallCNN
 from maep_fast.models.presets import create_mae
 from maep_fast.plots import save_comparison_grid
@@ -109,6 +112,7 @@ class RandomizedDemo:
     eot: int = 4
     n: int = 64  # >= the test split: all test images
     attacks: tuple = ()  # () = the same as DemoConfig.attacks
+    eps: tuple = ()  # () = the same as DemoConfig.eval_eps
 
 
 @dataclass(frozen=True)
@@ -129,6 +133,10 @@ class MAEPureDemo:
     eot: int = 2
     aa_steps: int = 10  # AutoAttack-rand APGD steps through MAE-Pure (full demo)
     attacks: tuple = ()  # () = the same as DemoConfig.attacks
+    eps: tuple = ()  # eps of the attacks on the subset (also RMAE-Pure's); () = the same as DemoConfig.eval_eps
+    # the adaptive rows on the subset (also RMAE-Pure's) from the strict preset (evaluate_strict) at this section's
+    # reduced budget: attack_steps, eot and, with "autoattack" in the attacks, aa_steps
+    strict: bool = False
 
 
 @dataclass(frozen=True)
@@ -292,16 +300,18 @@ QUICK = dict(classifier_epochs=1, stage1_epochs=1, stage2_epochs=1, train_steps=
 # longer-pretrained plain MAE, eps 8/16/32 x {our PGD-20, torchattacks PGD-20, AutoAttack} for MAEP on all test
 # images. AutoAttack's budget is cut to fit 45 minutes on 2 cores (10 APGD / FAB iterations, 250 Square queries;
 # its defaults, 100 and 5000, would cost hours through a purifier on a CPU: one MAEP forward+backward on the 360
-# test images is ~0.75 s there). MAEP-rand (2 masks): our PGD with EOT 4 on all test images. MAE-Pure: oblivious rows on all
-# test images; its attacks through the purifier (our PGD-10 with EOT 2, AutoAttack-rand with 5 steps; each step
-# differentiates through 50 purification steps) on a fixed 64-image subset. Every row names attack, steps, EOT, n.
+# test images is ~0.75 s there). MAEP through itself: 8 epochs from that MAEP. MAEP-rand (2 masks): our PGD with
+# EOT 4 on all test images at 16/255. MAE-Pure and RMAE-Pure: oblivious rows on all test images; on a fixed
+# 64-image subset at 16/255, the strict preset at a reduced budget (PGD-10 with EOT 2, AutoAttack-rand with 5 steps;
+# each step differentiates through 50 purification steps) and, for MAE-Pure, BPDA+EOT. Every row names attack,
+# steps, EOT, n.
 FULL = dict(full=True, stage1_epochs=60, stage2_epochs=5, train_steps=10, train_eps=28 / 255, train_eps_min=4 / 255,
             w_cls=1.0, clean_frac=0.2, eval_eps=(8 / 255, 16 / 255, 32 / 255),
             attacks=("pgd", "ta-pgd", "autoattack"), aa_steps=10, aa_queries=250, rand_n=360, rand_masks=2, rand_eot=4,
-            rand_attacks=("pgd",), mae_epochs=80, mp_n=64, mp_oblivious_all=True,
+            rand_attacks=("pgd",), rand_eps=(16 / 255,), mae_epochs=80, mp_n=64, mp_oblivious_all=True,
             mp_eta=40 / 255, mp_mask_ratio=0.6,  # the best measured MAE-Pure schedule (docs/results.md, recipes)
-            mp_attack_steps=10, mp_eot=2, mp_aa_steps=5, mp_attacks=("pgd", "autoattack"), mimir=True,
-            defended_epochs=12, rmae_pure=True)
+            mp_attack_steps=10, mp_eot=2, mp_aa_steps=5, mp_attacks=("pgd", "autoattack"), mp_eps=(16 / 255,),
+            mp_strict=True, mimir=True, defended_epochs=8, rmae_pure=True)
 
 
 MIMIR_COMMAND = "maep-fast mimir --out runs/mimir"
@@ -463,8 +473,8 @@ def stage_maep_rand(cfg: DemoConfig, state: DemoState) -> Sections:
         ev_r = state.ev if r.n >= len(state.ev) else state.test.subset(r.n, seed=cfg.seed)
         rnd = _RandomizedMAEP(state.maep, r.mask_ratio, r.masks)
         section = _sweep(cfg, state.classifier, rnd, ev_r, defense="MAEP-rand", randomized=True,
-                         attacks=r.attacks or cfg.attacks, threat_models=(OBLIVIOUS, ADAPTIVE), eot=r.eot,
-                         steps=cfg.eval_steps,
+                         attacks=r.attacks or cfg.attacks, eps=r.eps, threat_models=(OBLIVIOUS, ADAPTIVE),
+                         eot=r.eot, steps=cfg.eval_steps,
                          note=f"the same MAEP model, mean of {r.masks} reconstructions at mask ratio {r.mask_ratio} "
                               f"(fresh masks every call); fixed subset of {len(ev_r)} test images")
     return {"maep_rand": section}
@@ -487,11 +497,14 @@ def stage_mae_pure(cfg: DemoConfig, state: DemoState) -> Sections:
         sweep = functools.partial(_sweep, cfg, state.classifier, state.mae_purifier, defense="MAE-Pure",
                                   randomized=True, attacks=mp.attacks or cfg.attacks, steps=mp.attack_steps,
                                   aa_steps=mp.aa_steps)
-        subset = sweep(ev_m, threat_models=(OBLIVIOUS, ADAPTIVE, BPDA_EOT), eot=mp.eot,
+        through = (BPDA_EOT,) if mp.strict else (ADAPTIVE, BPDA_EOT)
+        subset = sweep(ev_m, eps=mp.eps, threat_models=(OBLIVIOUS, *through), eot=mp.eot,
                        note=f"plain MAE ({cfg.preset} preset, MAE pretraining {mp.mae_epochs} ep, mask "
                             f"{mp.mae_mask_ratio}); MAE-Pure S={mp.steps}, step {mp.step_size * 255:.0f}/255 halved "
                             f"after S/2, eta {mp.eta * 255:.0f}/255, mask {mp.mask_ratio}, {mp.masks} mask(s)/step; "
                             f"fixed subset of {len(ev_m)} test images")
+        if mp.strict:
+            subset = _add_strict(cfg, subset, state.classifier, state.mae_purifier, ev_m, defense="MAE-Pure")
         sections = {}
         if mp.oblivious_all and len(ev_m) < len(ev):
             # the oblivious rows need no gradient through the purifier: all n_eval images, listed first
@@ -532,12 +545,14 @@ def stage_rmae_pure(cfg: DemoConfig, state: DemoState) -> Sections:
                       mask_ratio=mp.mask_ratio, n_masks=mp.masks)
         section = _sweep(cfg, state.classifier, pur, state.mae_pure_ev, defense="RMAE-Pure", randomized=True,
                          attacks=mp.attacks or cfg.attacks, steps=mp.attack_steps, aa_steps=mp.aa_steps,
-                         threat_models=(OBLIVIOUS, ADAPTIVE), eot=mp.eot,
+                         eps=mp.eps, threat_models=(OBLIVIOUS,) if mp.strict else (OBLIVIOUS, ADAPTIVE), eot=mp.eot,
                          note=f"the plain MAE finetuned {r.epochs} ep on {len(data)} train images (RMAE-Pure: "
                               f"stage I PGD-{r.attack_steps} at {r.eps * 255:.0f}/255 through MAE-Pure S="
                               f"{r.train_steps} + classifier, stage II CE on the purified output through the last "
                               f"{r.unroll} steps, straight-through sign, + MAE loss); MAE-Pure as above, on the same "
                               f"{len(state.mae_pure_ev)} test images")
+        if mp.strict:
+            section = _add_strict(cfg, section, state.classifier, pur, state.mae_pure_ev, defense="RMAE-Pure")
     return {"rmae_pure": section}
 
 
@@ -576,7 +591,8 @@ def write_report(cfg: DemoConfig, state: DemoState) -> dict:
     sanity = [c for sec in sections.values() for c in sec.get("sanity", [])]
     table = markdown_table(rows)
     (out / "table.md").write_text(table + "\n")
-    pgd_names = (NO_ATTACK, attack_name("pgd", cfg.eval_steps), attack_name("pgd", cfg.mae_pure.attack_steps))
+    pgd_names = (NO_ATTACK, attack_name("pgd", cfg.eval_steps), attack_name("pgd", cfg.mae_pure.attack_steps),
+                 strict_attack_names(cfg.mae_pure.attack_steps, cfg.mae_pure.eot)["pgd"])
     pgd_rows = [_plot_label(r, len(state.ev)) for k, sec in sections.items() if k != "mimir" for r in sec["rows"]
                 if r["attack"] in pgd_names]
     save_accuracy_vs_eps_plot(pgd_rows, out / "acc_vs_eps.png",
@@ -684,9 +700,9 @@ def _train_defended(cfg: DemoConfig, model, classifier, train):
 
 
 def _sweep(cfg: DemoConfig, classifier, purifier, ev, *, defense: str, randomized: bool, threat_models, eot: int,
-           steps: int, note: str, aa_steps: int | None = None, attacks: tuple = ()) -> dict:
-    """Every attack of ``attacks`` (default ``cfg.attacks``) at every eps of ``cfg.eval_eps`` on ``ev``,
-    with the undefended classifier on the same images as the baseline; rows + sanity checks + settings."""
+           steps: int, note: str, aa_steps: int | None = None, attacks: tuple = (), eps: tuple = ()) -> dict:
+    """Every attack of ``attacks`` (default ``cfg.attacks``) at every eps of ``eps`` (default ``cfg.eval_eps``)
+    on ``ev``, with the undefended classifier on the same images as the baseline; rows + sanity checks + settings."""
     rows, sanity, settings = [], [], []
     base = "no defense" if len(ev) == cfg.n_eval else f"no defense (n={len(ev)})"
     for a in attacks or cfg.attacks:
@@ -697,7 +713,7 @@ def _sweep(cfg: DemoConfig, classifier, purifier, ev, *, defense: str, randomize
                             seed=cfg.seed, defense=defense, n_classes=10, n_queries=cfg.autoattack.queries,
                             progress=cfg.progress)
         torch.manual_seed(cfg.seed)
-        rep = accuracy_vs_eps(classifier, purifier, ev.images, ev.labels, sorted(cfg.eval_eps), config)
+        rep = accuracy_vs_eps(classifier, purifier, ev.images, ev.labels, sorted(eps or cfg.eval_eps), config)
         for r in rep["rows"]:
             if r["defense"] == "none":
                 r["defense"] = base
@@ -707,6 +723,22 @@ def _sweep(cfg: DemoConfig, classifier, purifier, ev, *, defense: str, randomize
         sanity += rep["sanity"]
         settings.append(rep["settings"])
     return {"rows": rows, "sanity": sanity, "settings": settings, "note": note}
+
+
+def _add_strict(cfg: DemoConfig, section: dict, classifier, purifier, ev, *, defense: str) -> dict:
+    """``section`` (the sweep's rows on ``ev``, without adaptive rows) with the strict preset's adaptive rows
+    (``evaluate_strict`` at the ``mae_pure`` section's budget, at each of its eps) and their sanity checks."""
+    mp = cfg.mae_pure
+    aa = "autoattack" in (mp.attacks or cfg.attacks)
+    strict, settings = [], []
+    for e in sorted(mp.eps or cfg.eval_eps):
+        rep = evaluate_strict(classifier, purifier, ev.images, ev.labels, eps=e, norm="linf", steps=mp.attack_steps,
+                              eot=mp.eot, autoattack=aa, aa_steps=mp.aa_steps, seed=cfg.seed, progress=cfg.progress)
+        strict += [{**r, "defense": defense, "note": section["note"]} for r in rep["rows"]]
+        settings.append({"attack": "strict", **rep["settings"], "purifier": None})
+    checks = [c for c in sanity_checks(section["rows"] + strict) if c.get("threat_model") == ADAPTIVE]
+    return {**section, "rows": section["rows"] + strict, "sanity": section["sanity"] + checks,
+            "settings": section["settings"] + settings}
 
 
 @torch.no_grad()

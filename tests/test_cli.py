@@ -82,10 +82,12 @@ def test_demo_quick_via_module(tmp_path):
 
 @pytest.mark.slow
 def test_demo_full_code_path_on_tiny_settings(tmp_path):
-    """--full's code path (3 eps x our PGD, torchattacks PGD, AutoAttack; randomized MAEP; MAE-Pure) with
-    tiny training and attack budgets: every section, row and file is produced."""
+    """--full's code path (3 eps x our PGD, torchattacks PGD, AutoAttack; randomized MAEP; MAE-Pure and RMAE-Pure
+    with the strict preset on their subset) with tiny training and attack budgets: every section, row and file is
+    produced."""
     pytest.importorskip("torchattacks")
     from maep_fast.demo import FULL, QUICK, DemoConfig, run_demo
+    from maep_fast.evaluate import strict_attack_names
 
     cfg = DemoConfig.from_flat(FULL, QUICK, {"mae_epochs": 1, "rand_eot": 2, "mp_eot": 1, "aa_steps": 1, "aa_queries": 5,
                                              "mp_aa_steps": 1, "n_eval": 8, "rand_n": 8, "mp_n": 4}, progress=False)
@@ -101,12 +103,25 @@ def test_demo_full_code_path_on_tiny_settings(tmp_path):
                   for d in ("MAEP", "MAEP-rand", "MAE-Pure")}
     assert by_defense["MAEP"] == {"PGD-2", "torchattacks-PGD-2", "AutoAttack-standard"}
     assert by_defense["MAEP-rand"] == {"PGD-2"}
-    assert by_defense["MAE-Pure"] == {"PGD-1", "AutoAttack-rand"}
+    # through MAE-Pure: the strict preset at the stated reduced budget (PGD and AutoAttack-rand with EOT, and
+    # the per-image worst of both), only at the section's eps
+    strict = {(r["defense"], r["attack"]) for r in rows if r.get("preset") == "strict"}
+    names = strict_attack_names(steps=1, eot=1)
+    for d in ("MAE-Pure", "RMAE-Pure"):
+        assert {(d, names["pgd"]), (d, names["autoattack"])} < strict
+    assert {r["threat_model"] for r in rows if r.get("preset") == "strict"} == {"adaptive-full-gradient"}
+    assert all(r["budget"].startswith("reduced: 1 of 200 steps, EOT 1 of 20") and r["n"] == 4
+               for r in rows if r.get("preset") == "strict")
+    assert by_defense["MAE-Pure"] - {a for _, a in strict} == {"PGD-1", "AutoAttack-rand"}
+    assert {round(r["eps"] * 255) for r in rows if r["threat_model"] != "none" and (
+        r["defense"] == "MAEP-rand" or r["n"] == 4)} == {16}
     # RMAE-Pure: the finetuned MAE under MAE-Pure's schedule, attacks and subset
     rmae = {(r["threat_model"], r["attack"], r["n"]) for r in rows if r["defense"] == "RMAE-Pure"}
-    assert {(tm, a) for tm, a, _ in rmae} >= {("oblivious", "PGD-1"), ("adaptive-full-gradient", "PGD-1"),
-                                              ("adaptive-full-gradient", "AutoAttack-rand")}
+    assert {(tm, a) for tm, a, _ in rmae} >= {("oblivious", "PGD-1"), ("oblivious", "AutoAttack-rand"),
+                                              ("adaptive-full-gradient", names["pgd"])}
     assert {n for *_, n in rmae} == {4} and "RMAE-Pure" in next(r for r in rows if r["defense"] == "RMAE-Pure")["note"]
+    assert {c["check"] for c in m["sanity"] if c.get("defense") == "RMAE-Pure"} >= {"attack-lowers-accuracy",
+                                                                                   "adaptive-le-oblivious"}
     assert (tmp_path / "rmae_pure" / "config.json").is_file()
     assert all(r["n"] == {"MAEP": 8, "MAEP-rand": 8}.get(r["defense"], r["n"]) for r in rows)
     # MAE-Pure: oblivious rows on all n_eval images, every threat model on the mp_n subset
@@ -134,7 +149,8 @@ def test_demo_config_sections_and_the_flat_names():
 
     cfg = DemoConfig.from_flat(FULL, QUICK, mp_n=4)
     assert cfg.mae_pure.n == 4 and cfg.mae_pure.eot == QUICK["mp_eot"] and cfg.mae_pure.attacks == FULL["mp_attacks"]
-    assert cfg.randomized == RandomizedDemo(mask_ratio=0.25, masks=2, eot=1, n=16, attacks=("pgd",))
+    assert cfg.randomized == RandomizedDemo(mask_ratio=0.25, masks=2, eot=1, n=16, attacks=("pgd",), eps=(16 / 255,))
+    assert cfg.mae_pure.strict and cfg.mae_pure.eps == (16 / 255,) and DemoConfig().mae_pure.eps == ()
     assert cfg.autoattack.queries == 250 and cfg.mimir.enabled and cfg.defended.epochs == 1 and cfg.maep.w_cls == 1.0
     flat = cfg.to_flat()
     assert flat["mp_n"] == 4 and flat["mae_pure"] is True and flat["mimir"] is True and flat["aa_steps"] == 10
