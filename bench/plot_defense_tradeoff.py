@@ -27,10 +27,12 @@ POINTS = {
     "def_ft12_cf03": ("through itself from stage 1, cf 0.3", "recipe", (-6, -3, "right")),
     "g60_deep42_def12_cf05": ("deeper, cf 0.5", "variant", (0, -14, "center")),
     "g60_deep42_def12_cf07": ("deeper, cf 0.7", "variant", (6, 6, "left")),
-    "g60_def12_cf05_then_def12_cf05_pgd5": ("+12 ep PGD-5", "variant", (6, 2, "left")),
+    "g60_def12_cf05_then_def12_cf05_pgd5": ("+12 ep PGD-5 (= eps 24/255)", "variant", (6, 2, "left")),
     "cascade_frozen_cf05": ("cascade, guided frozen", "variant", (-6, -12, "right")),
     "cascade_joint_cf05": ("cascade, joint", "variant", (0, 16, "center")),
     "g60_noise25_def12_cf05": ("input noise 0.25 (EOT 8)", "variant", (-6, -10, "right")),
+    "g60_def12_cf05_eps24": ("", "variant", RIGHT),  # lands on the +12 ep PGD-5 point, which names both
+    "g60_def12_cf05_mask025x2": ("random masks 0.25 x 2 (EOT 8)", "variant", (-100, -45, "right")),
 }
 
 
@@ -53,7 +55,9 @@ def main() -> None:
     colors = {"recipe": "tab:green", "variant": "tab:gray"}
     for label, group, obl, adv, (dx, dy, ha) in pts:
         ax.scatter(obl, adv, s=40, color=colors[group], marker="o" if group == "recipe" else "s", zorder=3)
-        ax.annotate(label, (obl, adv), textcoords="offset points", xytext=(dx, dy), fontsize=8, ha=ha)
+        far = abs(dx) + abs(dy) > 24  # a label set away from a crowded point gets a leader line
+        ax.annotate(label, (obl, adv), textcoords="offset points", xytext=(dx, dy), fontsize=8, ha=ha,
+                    arrowprops=dict(arrowstyle="-", lw=0.6, color="gray") if far else None)
     if no_def is not None:
         ax.scatter(no_def, no_def, marker="x", color="k", s=50, zorder=3)
         ax.annotate("no defense", (no_def, no_def), textcoords="offset points", xytext=(5, 4), fontsize=8)
