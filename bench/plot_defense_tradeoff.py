@@ -33,7 +33,15 @@ POINTS = {
     "g60_noise25_def12_cf05": ("input noise 0.25 (EOT 8)", "variant", (-6, -10, "right")),
     "g60_def12_cf05_eps24": ("", "variant", RIGHT),  # lands on the +12 ep PGD-5 point, which names both
     "g60_def12_cf05_mask025x2": ("random masks 0.25 x 2 (EOT 8)", "variant", (-100, -45, "right")),
+    "g60_cf06_12_then_def12_cf0.6": ("24 ep", "longer", (6, -3, "left")),
+    "g60_cf07_12_then_def12_cf0.7": ("24 ep", "longer", (6, -3, "left")),
+    "g60_cf07_24_then_def12_cf0.7": ("36 ep", "longer", (6, -3, "left")),
+    "g60_cf07_24_then_def24_cf0.7": ("cf 0.7, 48 ep", "longer", (8, 9, "left")),
 }
+# through-itself runs continued at the same classifier_frac: drawn as one path each, from 12 epochs on
+SERIES = [["guided60_then_def12_cf0.6", "g60_cf06_12_then_def12_cf0.6"],
+          ["guided60_then_def12_cf0.7", "g60_cf07_12_then_def12_cf0.7", "g60_cf07_24_then_def12_cf0.7",
+           "g60_cf07_24_then_def24_cf0.7"]]
 
 
 def main() -> None:
@@ -42,19 +50,24 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "docs/defense_tradeoff.png"))
     a = ap.parse_args()
     recs = [json.loads(line) for line in Path(a.results).read_text().splitlines() if line.strip()]
-    pts, no_def, clean = [], None, None
+    pts, no_def, clean, where = [], None, None, {}
     for r in recs:
         if r.get("name") not in POINTS or r.get("n") != 360:
             continue
         adaptive = next(v for k, v in r.items() if k.startswith("adaptive_pgd20"))
         label, group, place = POINTS[r["name"]]
         pts.append((label, group, r["oblivious_pgd20"], adaptive, place))
+        where[r["name"]] = (r["oblivious_pgd20"], adaptive)
         no_def = no_def if no_def is not None else r.get("no_defense_pgd20")
         clean = clean if clean is not None else r.get("no_defense_clean")
     fig, ax = plt.subplots(figsize=(8, 5.6))
-    colors = {"recipe": "tab:green", "variant": "tab:gray"}
+    colors = {"recipe": "tab:green", "variant": "tab:gray", "longer": "tab:blue"}
+    for series in SERIES:
+        path = [where[n] for n in series if n in where]
+        ax.plot([p[0] for p in path], [p[1] for p in path], ls=":", lw=1, color=colors["longer"], zorder=2)
     for label, group, obl, adv, (dx, dy, ha) in pts:
-        ax.scatter(obl, adv, s=40, color=colors[group], marker="o" if group == "recipe" else "s", zorder=3)
+        ax.scatter(obl, adv, s=40, color=colors[group], marker={"recipe": "o", "variant": "s"}.get(group, "D"),
+                   zorder=3)
         far = abs(dx) + abs(dy) > 24  # a label set away from a crowded point gets a leader line
         ax.annotate(label, (obl, adv), textcoords="offset points", xytext=(dx, dy), fontsize=8, ha=ha,
                     arrowprops=dict(arrowstyle="-", lw=0.6, color="gray") if far else None)
@@ -65,9 +78,10 @@ def main() -> None:
         ax.text(46, no_def + 20.8, "adaptive bar: no defense + 20", fontsize=7, color="gray")
     if clean is not None:
         ax.axvline(clean - 8, ls=":", color="gray", lw=0.8)
-        ax.text(clean - 7.7, 30, "oblivious bar\n(clean - 8)", fontsize=7, color="gray")
+        ax.text(clean - 7.7, 30, "oblivious bar\n(undefended\nclean - 8)", fontsize=7, color="gray")
     ax.scatter([], [], color=colors["recipe"], label="recipes of the trade-off table")
     ax.scatter([], [], color=colors["variant"], marker="s", label="variants tried against the trade-off")
+    ax.scatter([], [], color=colors["longer"], marker="D", label="through itself, trained longer at the same cf")
     ax.legend(loc="lower left", fontsize=8)
     ax.set_xlim(44, 100)
     ax.set_ylim(0, 100)
