@@ -405,3 +405,19 @@ def append_record(record: dict, path: str | Path, threads: int | None = None) ->
     print(line, flush=True)
     with open(path, "a") as f:
         f.write(line + "\n")
+
+
+def train_timed(model: torch.nn.Module, train: Callable[[], object], save: str | None = None,
+                recipe: dict | None = None) -> tuple[object, int]:
+    """For the recipe sweeps: runs ``train()`` (which trains ``model`` in place), puts the model in eval
+    mode and, with ``save``, writes it as a checkpoint whose meta holds ``recipe``; returns (train()'s
+    result, wall seconds of the training)."""
+    from maep_fast.checkpoint import save_model
+
+    t0 = time.time()
+    out = train()
+    seconds = round(time.time() - t0)
+    model.eval()
+    if save:
+        save_model(model, save, meta={"recipe": recipe or {}})
+    return out, seconds

@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torchattacks as ta
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import append_record, digits_setup  # noqa: E402
+from common import append_record, digits_setup, train_timed  # noqa: E402
 from maep_fast import Purifier, load_model
 from maep_fast.train.loop import LoopConfig
 from maep_fast.train.maep import AttackConfig, MAEPConfig, train_maep
@@ -66,10 +65,7 @@ def main() -> None:
                                          classifier_frac=a.classifier_frac),
                      stage1=LoopConfig(epochs=a.epochs, batch_size=64, lr=a.lr, seed=0, progress=False, desc="cascade"),
                      stage2=LoopConfig(epochs=0, progress=False))
-    t0 = time.time()
-    hist = train_maep(model, train, cfg, clf)
-    train_s = round(time.time() - t0)
-    model.eval()
+    hist, train_s = train_timed(model, lambda: train_maep(model, train, cfg, clf))
     x, y = test.images[:a.n], test.labels[:a.n]
     pipe = torch.nn.Sequential(Purifier(model), clf).eval()
 

@@ -31,8 +31,8 @@ import torch
 import torchattacks as ta
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import append_record, digits_setup  # noqa: E402
-from maep_fast import Purifier, load_model, save_model
+from common import append_record, digits_setup, train_timed  # noqa: E402
+from maep_fast import Purifier, load_model
 from maep_fast.attacks.torchattacks_adapter import run_attack
 from maep_fast.models.grow import deepen_mae
 from maep_fast.models.presets import create_mae
@@ -90,12 +90,7 @@ def main() -> None:
         stage1=LoopConfig(epochs=a.epochs, batch_size=64, lr=a.lr, seed=0, progress=False, desc="stage 1"),
         stage2=LoopConfig(epochs=a.stage2_epochs, batch_size=64, lr=1e-3, warmup_epochs=0.5, seed=1, progress=False,
                           desc="stage 2"))
-    t0 = time.time()
-    hist = train_maep(model, train, cfg, clf)
-    train_s = round(time.time() - t0)
-    model.eval()
-    if a.save:
-        save_model(model, a.save, meta={"recipe": vars(a)})
+    hist, train_s = train_timed(model, lambda: train_maep(model, train, cfg, clf), a.save, vars(a))
     randomized = a.purifier_mask_ratio > 0 or a.noise > 0
     if randomized:
         from maep_fast.purify import RandomizedMAEP

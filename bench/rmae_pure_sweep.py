@@ -25,8 +25,8 @@ import torch
 import torchattacks as ta
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import append_record, digits_setup  # noqa: E402
-from maep_fast import load_model, save_model
+from common import append_record, digits_setup, train_timed  # noqa: E402
+from maep_fast import load_model
 from maep_fast.evaluate import evaluate_strict
 from maep_fast.purify.mae_pure import MAEPure
 from maep_fast.train.loop import LoopConfig
@@ -71,12 +71,7 @@ def main() -> None:
                          mask_ratio=a.mask_ratio, unroll=a.unroll, w_cls=a.w_cls, w_rec=a.w_rec,
                          loop=LoopConfig(epochs=a.epochs, batch_size=64, lr=a.lr, warmup_epochs=0.5, seed=0,
                                          progress=False, desc="RMAE-Pure"))
-    t0 = time.time()
-    hist = train_rmae_pure(tuned, train, clf, cfg)
-    train_s = round(time.time() - t0)
-    tuned.eval()
-    if a.save:
-        save_model(tuned, a.save, meta={"recipe": vars(a)})
+    hist, train_s = train_timed(tuned, lambda: train_rmae_pure(tuned, train, clf, cfg), a.save, vars(a))
     eps = a.eps / 255
     x_all, y_all = test.images[:a.n_all], test.labels[:a.n_all]
     torch.manual_seed(1)

@@ -306,3 +306,21 @@ def test_append_record_names_the_machine_and_appends_one_line(tmp_path, capsys):
     assert lines[0]["machine"] == f"CPU, torch {torch.__version__}, 1 thread(s)"
     assert lines[1]["machine"] == "given" and "machine" not in lines[2]
     assert capsys.readouterr().out.splitlines()[0] == json.dumps(lines[0])
+
+
+def test_train_timed_trains_evals_and_saves_with_the_recipe(tmp_path):
+    from maep_fast import load_model
+    from maep_fast.models.classifiers import SmallCNN
+
+    model = SmallCNN(in_chans=1, num_classes=10).train()
+    calls = []
+    out, seconds = common.train_timed(model, lambda: calls.append(1) or "history", str(tmp_path / "m"),
+                                      {"lr": 0.5})
+    assert out == "history" and calls == [1] and isinstance(seconds, int) and seconds >= 0
+    assert not model.training
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["meta"]["recipe"] == {"lr": 0.5}
+    loaded = load_model(tmp_path / "m", expect_kind="classifier")
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
+    model.train()
+    common.train_timed(model, lambda: None)  # no save: nothing written
+    assert not model.training and sorted(p.name for p in tmp_path.iterdir()) == ["m"]
