@@ -379,10 +379,10 @@ def backend_env(value: str | None):
             os.environ["MAEP_FAST_BACKEND"] = old
 
 
-def digits_setup(classifier: str, threads: int):
+def digits_setup(classifier: str, threads: int, split_seed: int = 0):
     """For the recipe sweeps: ``threads`` torch threads, the classifier checkpoint loaded frozen
-    (eval mode, no gradients), the 16x16 digits train and test splits, seed 0.
-    Returns (classifier, train, test)."""
+    (eval mode, no gradients), the 16x16 digits train and test splits of partition ``split_seed``
+    (0: the demo's), torch seed 0. Returns (classifier, train, test)."""
     from maep_fast import load_model
     from maep_fast.data import load_digits_dataset
     from maep_fast.train.common import set_seed
@@ -391,7 +391,7 @@ def digits_setup(classifier: str, threads: int):
     clf = load_model(classifier, expect_kind="classifier").eval()
     for p in clf.parameters():
         p.requires_grad_(False)
-    train, test = load_digits_dataset(16, "train"), load_digits_dataset(16, "test")
+    train, test = load_digits_dataset(16, "train", seed=split_seed), load_digits_dataset(16, "test", seed=split_seed)
     set_seed(0)
     return clf, train, test
 

@@ -4,7 +4,8 @@ Trains the ``demo`` preset against a fixed classifier (optionally starting from 
 ``--init``), then reports on all 360 test images, L-inf, eps 16/255 unless ``--eps`` says:
 
 * clean: the classifier on purified clean images;
-* oblivious: torchattacks PGD-20 (step eps/4, random start) on the classifier alone, then purified;
+* oblivious: torchattacks PGD-20 (step eps/4 unless ``--eval-alpha`` says, random start) on the classifier
+  alone, then purified;
 * adaptive full-gradient: torchattacks PGD-20 through purifier + classifier (for a randomized
   purifier, ``--purifier-mask-ratio`` > 0, torchattacks EOT-PGD with ``--eval-eot`` draws);
 * with ``--autoattack``: torchattacks AutoAttack-standard on the classifier alone (no defense, and
@@ -13,7 +14,9 @@ Trains the ``demo`` preset against a fixed classifier (optionally starting from 
   250 Square queries.
 
 ``--target classifier`` with ``--w-cls 0`` trains the paper's recipe, ``--w-cls 1`` the guided one;
-``--epochs 0 --stage2-epochs 0 --init DIR`` only evaluates a saved purifier.
+``--epochs 0 --stage2-epochs 0 --init DIR`` only evaluates a saved purifier; with ``--split-seed S``
+it trains and scores on another digits partition (the held-out check; the classifier must be trained
+on the same one, e.g. ``maep-fast train-classifier --split-seed S``).
 
 Appends one JSON line to ``--out`` and, with ``--save``, writes the purifier checkpoint.
 
@@ -67,15 +70,19 @@ def main() -> None:
     ap.add_argument("--w-mae", type=float, default=1.0)
     ap.add_argument("--clean-frac", type=float, default=0.0)
     ap.add_argument("--eps", type=float, default=16, help="evaluation eps, in 1/255")
+    ap.add_argument("--eval-alpha", type=float, default=None,
+                    help="PGD-20 step size of the evaluation, in 1/255 (default eps/4)")
     ap.add_argument("--eval-eot", type=int, default=8)
     ap.add_argument("--autoattack", action="store_true")
     ap.add_argument("--aa-steps", type=int, default=10)
     ap.add_argument("--n", type=int, default=360)
+    ap.add_argument("--split-seed", type=int, default=0,
+                    help="digits train/test partition (0: the demo's); the classifier must come from the same one")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--save", default=None)
     ap.add_argument("--out", default="bench/results/maep_defended_cpu.jsonl")
     a = ap.parse_args()
-    clf, train, test = digits_setup(a.classifier, a.threads)
+    clf, train, test = digits_setup(a.classifier, a.threads, a.split_seed)
     model = load_model(a.init, expect_kind="mae") if a.init else create_mae("demo", img_size=16)
     if any(a.deepen):
         model = deepen_mae(model, *a.deepen)
@@ -105,7 +112,9 @@ def main() -> None:
             return round((clf(pur.purify(z)).argmax(1) == y).float().mean().item() * 100, 2)
 
     eps = a.eps / 255
+    alpha = eps / 4 if a.eval_alpha is None else a.eval_alpha / 255
     res = {"name": a.name, "args": vars(a), "train_s": train_s, "n": len(y), "eps": f"{a.eps:g}/255",
+           "pgd_step": f"{alpha * 255:g}/255",
            "last_epoch": {k: round(float(v), 4) for k, v in hist["stage1"][-1].items()
                           if isinstance(v, (int, float))} if hist["stage1"] else {}}
     t1 = time.time()
@@ -113,13 +122,13 @@ def main() -> None:
         res["no_defense_clean"] = round((clf(x).argmax(1) == y).float().mean().item() * 100, 2)
     res["clean"] = acc(x)
     torch.manual_seed(1)
-    xa = ta.PGD(clf, eps=eps, alpha=eps / 4, steps=20, random_start=True)(x, y)
+    xa = ta.PGD(clf, eps=eps, alpha=alpha, steps=20, random_start=True)(x, y)
     with torch.no_grad():
         res["no_defense_pgd20"] = round((clf(xa).argmax(1) == y).float().mean().item() * 100, 2)
     res["oblivious_pgd20"] = acc(xa)
     torch.manual_seed(2)
-    atk = (ta.EOTPGD(defended, eps=eps, alpha=eps / 4, steps=20, eot_iter=eot, random_start=True) if eot > 1
-           else ta.PGD(defended, eps=eps, alpha=eps / 4, steps=20, random_start=True))
+    atk = (ta.EOTPGD(defended, eps=eps, alpha=alpha, steps=20, eot_iter=eot, random_start=True) if eot > 1
+           else ta.PGD(defended, eps=eps, alpha=alpha, steps=20, random_start=True))
     xa = atk(x, y)
     res[f"adaptive_pgd20_eot{eot}"] = acc(xa)
     if a.autoattack:

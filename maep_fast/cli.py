@@ -130,6 +130,9 @@ def _add_data_args(p: argparse.ArgumentParser, split: str) -> None:
     p.add_argument("--root", default=None, help="local directory of cifar10/cifar100/folder data")
     p.add_argument("--split", default=split, choices=["train", "test"])
     p.add_argument("--image-size", type=_POSITIVE_INT, default=None, help="resize images to this square size")
+    p.add_argument("--split-seed", type=_COUNT, default=None,
+                   help="digits only: which fixed stratified train/test partition (default 0, the demo's); "
+                        "use the same value for training and evaluation")
     if split == "train":
         p.add_argument("--subset", type=_COUNT, default=0,
                        help="train on a fixed random subset of this many samples (seed 0, whatever --seed); 0 = all")
@@ -138,7 +141,8 @@ def _add_data_args(p: argparse.ArgumentParser, split: str) -> None:
 def _load_data(args):
     from maep_fast.data import load_dataset
 
-    ds = load_dataset(args.data, root=args.root, split=args.split, image_size=args.image_size)
+    ds = load_dataset(args.data, root=args.root, split=args.split, image_size=args.image_size,
+                      split_seed=getattr(args, "split_seed", None))
     n = getattr(args, "subset", 0)
     if n:
         if n < 0:
@@ -146,6 +150,11 @@ def _load_data(args):
         if n < len(ds):
             ds = ds.subset(n, seed=0)
     return ds
+
+
+def _data_meta(args) -> dict:
+    """The data a checkpoint or report came from: ``{"data": name, "split_seed": seed or None}``."""
+    return {"data": args.data, "split_seed": getattr(args, "split_seed", None)}
 
 
 def _loop_args(p: argparse.ArgumentParser, epochs: int, lr: float) -> None:
@@ -198,7 +207,7 @@ def cmd_train_classifier(args) -> int:
                                            state_dir=str(Path(args.out) / "state"), resume=args.resume,
                                            snapshot_every=args.snapshot_every))
     acc = accuracy(model, ds.images, ds.labels)
-    save_model(model, args.out, meta={"data": args.data, "image_size": ds.image_shape[-1], "train_accuracy": acc})
+    save_model(model, args.out, meta={**_data_meta(args), "image_size": ds.image_shape[-1], "train_accuracy": acc})
     print(f"train accuracy {100 * acc:.2f}%; saved {args.out}")
     return 0
 
@@ -255,7 +264,7 @@ def cmd_train(args) -> int:
         classifier = load_model(args.classifier, expect_kind="classifier", map_location=device)
         data = ds
     history = train_maep(model, data, cfg, classifier)
-    save_model(model, out / "maep", meta={"data": args.data, "preset": args.preset, "history": history})
+    save_model(model, out / "maep", meta={**_data_meta(args), "preset": args.preset, "history": history})
     print(f"saved {out / 'maep'}")
     return 0
 
@@ -297,7 +306,7 @@ def cmd_pretrain(args) -> int:
                         warmup_epochs=args.warmup_epochs, progress=not args.no_progress, desc="MAE pretrain",
                         state_dir=str(out / "state"), resume=args.resume, snapshot_every=args.snapshot_every))
     history = train_mae(model, ds, cfg)
-    save_model(model, out / "mae", meta={"data": args.data, "preset": None if args.init else args.preset,
+    save_model(model, out / "mae", meta={**_data_meta(args), "preset": None if args.init else args.preset,
                                           "init": args.init, "trained": f"MAE pretraining ({args.train})",
                                           "mask_ratio": args.mask_ratio, "history": history})
     print(f"final masked reconstruction loss {history[-1]['loss']:.5f}; saved {out / 'mae'}" if history
@@ -335,12 +344,12 @@ def cmd_mimir(args) -> int:
     vit, mae, info = train_mimir_vit(ds, recipe, state_dir=out, resume=args.resume,
                                      snapshot_every=args.snapshot_every, progress=not args.no_progress, device=device)
     acc = accuracy(vit, ds.images, ds.labels)
-    meta = {"data": args.data, "image_size": h, "trained": recipe.describe(), "recipe": info["recipe"],
+    meta = {**_data_meta(args), "image_size": h, "trained": recipe.describe(), "recipe": info["recipe"],
             "train_accuracy": acc, "seconds": info["seconds"], "pretrain_history": info["pretrain_history"],
             "finetune_history": info["finetune_history"]}
     save_model(vit, out / "vit", meta=meta)
     if args.pretrain != "none":
-        save_model(mae, out / "mae", meta={"data": args.data, "image_size": h, "trained": f"{args.pretrain} pretraining "
+        save_model(mae, out / "mae", meta={**_data_meta(args), "image_size": h, "trained": f"{args.pretrain} pretraining "
                                            f"{args.pretrain_epochs} epochs", "history": info["pretrain_history"]})
     print(f"{recipe.describe()}\ntrain accuracy {100 * acc:.2f}%; saved the ViT classifier to {out / 'vit'}"
           f" (evaluate: maep-fast eval --classifier {out / 'vit'} --attack ta-pgd --eps 16/255)")
@@ -383,7 +392,7 @@ def cmd_rmae_pure(args) -> int:
     recipe = {k: v for k, v in asdict(cfg).items() if k != "loop"}
     recipe.update(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, warmup_epochs=args.warmup_epochs,
                   seed=args.seed)
-    save_model(model, out / "mae", meta={"data": args.data, "image_size": h, "init": args.mae,
+    save_model(model, out / "mae", meta={**_data_meta(args), "image_size": h, "init": args.mae,
                                           "classifier": args.classifier,
                                           "trained": f"RMAE-Pure finetune {args.epochs} epochs (stage I PGD through "
                                                      f"MAE-Pure, stage II straight-through sign, unroll {args.unroll})",
@@ -456,7 +465,7 @@ def _eval_strict(args, classifier, purifier, ds) -> int:
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps({**rep, "classifier": args.classifier, "purifier": args.purifier,
-                                              "purifier_kind": args.purifier_kind, "data": args.data}, indent=2))
+                                              "purifier_kind": args.purifier_kind, **_data_meta(args)}, indent=2))
         print(f"wrote {args.out}")
     return 0
 
@@ -500,7 +509,7 @@ def cmd_eval(args) -> int:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps({"rows": report["rows"], "attack": report["attack"],
                                               "classifier": args.classifier, "purifier": args.purifier,
-                                              "data": args.data, "split": args.split}, indent=2))
+                                              **_data_meta(args), "split": args.split}, indent=2))
         print(f"wrote {args.out}")
     return 0
 
@@ -529,7 +538,7 @@ def _eval_threat_models(args, classifier, purifier, ds) -> int:
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps({**report, "classifier": args.classifier, "purifier": args.purifier,
-                                              "purifier_kind": args.purifier_kind, "data": args.data,
+                                              "purifier_kind": args.purifier_kind, **_data_meta(args),
                                               "split": args.split}, indent=2, default=str))
         print(f"wrote {args.out}")
     return 0

@@ -41,6 +41,21 @@ def test_eval_writes_report(trained, capsys):
     assert "adaptive-full-gradient" in capsys.readouterr().out
 
 
+def test_split_seed_trains_and_scores_on_another_digits_split(trained, tmp_path, capsys):
+    clf = tmp_path / "clf1"
+    assert main(["train-classifier", "--epochs", "1", "--image-size", "16", "--split-seed", "1", "--out", str(clf),
+                 "--no-progress"]) == 0
+    assert json.loads((clf / "config.json").read_text())["meta"]["split_seed"] == 1
+    out = tmp_path / "report.json"
+    assert main(["eval", "--classifier", str(clf), "--purifier", str(trained / "run" / "maep"), "--image-size", "16",
+                 "--split-seed", "1", "--n", "8", "--steps", "1", "--eps", "8/255", "--out", str(out),
+                 "--no-progress"]) == 0
+    assert json.loads(out.read_text())["split_seed"] == 1
+    assert main(["train-classifier", "--data", "cifar10", "--root", str(tmp_path), "--split-seed", "1",
+                 "--out", str(tmp_path / "x"), "--no-progress"]) == 2
+    assert "digits only" in capsys.readouterr().err
+
+
 def test_purify_files(trained, tmp_path):
     imgs = torch.rand(3, 1, 16, 16)
     paths = save_images(imgs, [tmp_path / f"in{i}.png" for i in range(3)])

@@ -164,6 +164,25 @@ def test_load_dataset_dispatch(tmp_path):
         load_dataset("folder")
 
 
+def test_load_dataset_split_seed():
+    default = load_dataset("digits", split="test")
+    assert torch.equal(load_dataset("digits", split="test", split_seed=0).images, default.images)
+    other_test = load_dataset("digits", split="test", split_seed=1)
+    other_train = load_dataset("digits", split="train", split_seed=1)
+    assert len(other_test) == 360 and len(other_train) == 1437
+    # another partition of the same 1797 images: the test images differ, and the two splits still cover all
+    tr, te = digits_split_indices(seed=1)
+    tr0, te0 = digits_split_indices(seed=0)
+    assert not np.array_equal(te, te0) and len(np.intersect1d(te, te0)) < len(te)
+    assert torch.equal(other_test.images, load_digits_dataset(16, "test", seed=1).images)
+    assert torch.equal(other_train.labels, load_digits_dataset(16, "train", seed=1).labels)
+    assert sorted(np.concatenate([tr, te]).tolist()) == list(range(1797))
+    with pytest.raises(ValueError, match="split_seed"):
+        load_dataset("cifar10", root="/nonexistent", split_seed=1)
+    with pytest.raises(ValueError, match="seed"):
+        load_dataset("digits", split_seed=-1)
+
+
 # --------------------------------------------------------------------------- CIFAR
 
 

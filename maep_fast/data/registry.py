@@ -17,8 +17,9 @@ from .folder import load_image_folder
 __all__ = ["DATASET_NAMES", "LOADERS", "load_dataset"]
 
 
-def _digits(name: str, root, split: str, image_size: int | None) -> ImageDataset:
-    return load_digits_dataset(image_size=16 if image_size is None else image_size, split=split)
+def _digits(name: str, root, split: str, image_size: int | None, split_seed: int | None = None) -> ImageDataset:
+    return load_digits_dataset(image_size=16 if image_size is None else image_size, split=split,
+                               seed=0 if split_seed is None else split_seed)
 
 
 def _cifar(name: str, root, split: str, image_size: int | None) -> ImageDataset:
@@ -54,16 +55,22 @@ def load_dataset(
     root: str | Path | None = None,
     split: str = "train",
     image_size: int | None = None,
+    split_seed: int | None = None,
 ) -> ImageDataset:
     """Load a data set by name: ``"digits"``, ``"cifar10"``, ``"cifar100"`` or ``"folder"``.
 
     * ``digits``: embedded (no files); ``root`` is ignored, ``image_size``
-      defaults to 16, ``split`` in ``train|test|all``.
+      defaults to 16, ``split`` in ``train|test|all``; ``split_seed`` (default
+      0) picks one of its fixed stratified train/test partitions, so a model
+      can be trained and scored on a split other than the demo's.
     * ``cifar10`` / ``cifar100``: official python files under ``root``;
       ``split`` in ``train|test``; images are resized if ``image_size`` is
       given and differs from 32.
     * ``folder``: ``root/<class>/<image>``; if ``root/<split>`` is a directory
       it is used instead (``root/train/<class>/...`` layouts), RGB images.
+
+    ``split_seed`` applies to ``digits`` only; the other data sets ship
+    their own splits, so passing it for them is an error.
 
     maep_fast never downloads anything.
     """
@@ -72,4 +79,8 @@ def load_dataset(
     loader = LOADERS.get(name.strip().lower().replace("-", ""))
     if loader is None:
         raise ValueError(f"unknown data set {name!r}; choose one of {', '.join(DATASET_NAMES)}")
-    return loader(name, root, split, image_size)
+    if split_seed is None:
+        return loader(name, root, split, image_size)
+    if loader is not _digits:
+        raise ValueError(f"split_seed (--split-seed) applies to the embedded digits only; {name!r} has fixed splits")
+    return loader(name, root, split, image_size, split_seed=split_seed)
